@@ -1,0 +1,172 @@
+"""Experiment configuration: YAML plus ``key=value`` overrides, validated once into a ``Config``."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DATASETS = ("sample", "mnist", "fashion-mnist", "idx")
+OPTIMIZERS = ("adam", "adagrad", "sgd")
+SELECTIONS = ("topk", "random")
+# The paper's learning rates (Adam's defaults; AdaGrad 0.1 for MNIST); sgd has no paper value.
+DEFAULT_LR = {"adam": 0.001, "adagrad": 0.1, "sgd": 0.1}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One experiment. Field defaults are the paper's MNIST CPU setting (Table 1, Adam)."""
+
+    name: str = "experiment"
+    dataset: str = "sample"
+    data_dir: str | None = None
+    dev_size: int = 5000
+    train_limit: int | None = None
+    test_limit: int | None = None
+    n_epoch: int = 20
+    d_hidden: int = 500
+    n_layer: int = 3
+    d_minibatch: int = 10
+    k: int = 20
+    unified: bool = False
+    selection: str = "topk"
+    dropout: float = 0.0
+    optimizer: str = "adam"
+    lr: float | None = None
+    seed: int = 1
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        """A validated copy with some keys changed."""
+        return validate({**self.to_dict(), **changes})
+
+
+def _at_least(low: int | float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def _one_of(choices: Iterable[str]) -> Callable[[Any], str | None]:
+    choices = tuple(choices)
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _dropout_range(v: float) -> str | None:
+    return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
+
+
+# key -> (expected type, optional check); types marked optional accept null.
+_RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]] = {
+    "name": (str, False, None),
+    "dataset": (str, False, _one_of(DATASETS)),
+    "data_dir": (str, True, None),
+    "dev_size": (int, False, _at_least(1)),
+    "train_limit": (int, True, _at_least(1)),
+    "test_limit": (int, True, _at_least(1)),
+    "n_epoch": (int, False, _at_least(1)),
+    "d_hidden": (int, False, _at_least(1)),
+    "n_layer": (int, False, _at_least(1)),
+    "d_minibatch": (int, False, _at_least(1)),
+    "k": (int, False, _at_least(0)),
+    "unified": (bool, False, None),
+    "selection": (str, False, _one_of(SELECTIONS)),
+    "dropout": (float, False, _dropout_range),
+    "optimizer": (str, False, _one_of(OPTIMIZERS)),
+    "lr": (float, True, lambda v: None if v > 0 else "must be > 0"),
+    "seed": (int, False, _at_least(0)),
+    "threads": (int, True, _at_least(1)),
+}
+assert set(_RULES) == {f.name for f in dataclasses.fields(Config)}
+
+
+def _check_value(key: str, value: Any) -> Any:
+    kind, optional, check = _RULES[key]
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: must not be null (expected {kind.__name__})")
+    is_bool = isinstance(value, bool)
+    if kind is float and isinstance(value, int) and not is_bool:
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and is_bool):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    if check is not None and (problem := check(value)) is not None:
+        raise ConfigError(f"{key}: {problem}, got {value!r}")
+    return value
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Check every key and value of ``raw`` and build the ``Config``; fills ``lr`` from the optimizer."""
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _RULES:
+            close = difflib.get_close_matches(str(key), _RULES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; valid keys: {', '.join(_RULES)}"
+            raise ConfigError(f"unknown key {key!r}{hint}")
+        values[key] = _check_value(key, value)
+    config = Config(**values)
+    if config.dataset == "idx" and not config.data_dir:
+        raise ConfigError("data_dir: required when dataset is idx (a folder with the four IDX files)")
+    if config.lr is None:
+        config = dataclasses.replace(config, lr=DEFAULT_LR[config.optimizer])
+    return config
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value)``, the value read as YAML (``20`` is an int, ``null`` is None)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def default_config_path() -> Path:
+    """The bundled default config (``configs/sample.yaml`` in the repository)."""
+    return Path(str(resources.files("mnist_meprop") / "bundled" / "sample.yaml"))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; errors name the file (and the line, for bad YAML)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"config file {path}: cannot read ({error.strerror or error})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (the bundled default when ``path`` is None), apply ``key=value`` overrides.
+
+    The config's ``name`` defaults to the file's stem; it names the output folder.
+    """
+    path = Path(path) if path is not None else default_config_path()
+    raw = {"name": path.stem, **read_yaml(path)}
+    for item in overrides:
+        key, value = parse_override(item)
+        raw[key] = value
+    return validate(raw)

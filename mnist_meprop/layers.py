@@ -1,0 +1,44 @@
+"""``MePropLinear``: a drop-in ``torch.nn.Linear`` whose backward keeps only top-k of ``dy``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops import SELECTIONS, meprop_linear
+
+
+class MePropLinear(nn.Linear):
+    """``torch.nn.Linear`` with a meProp backward.
+
+    Same weight ``[out, in]``, same initialisation and same ``state_dict`` keys as
+    ``nn.Linear``, so a trained ``nn.Linear`` state loads into it and back. The forward is
+    unchanged; the backward follows :func:`mnist_meprop.meprop_linear` with this layer's
+    ``k``, ``unified`` and ``selection``. ``k <= 0`` or ``k >= out_features`` is plain
+    backprop.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        k: int,
+        unified: bool = True,
+        selection: str = "topk",
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.k = int(k)
+        self.unified = bool(unified)
+        self.selection = selection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return meprop_linear(x, self.weight, self.bias, self.k, self.unified, self.selection)
+
+    def extra_repr(self) -> str:
+        mode = "unified" if self.unified else "per_example"
+        return f"{super().extra_repr()}, k={self.k}, mode={mode}, selection={self.selection}"

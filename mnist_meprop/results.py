@@ -1,0 +1,167 @@
+"""Run records (``runs.jsonl``) and the paper-style tables built from them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+from .config import Config
+from .train import RunResult, method_name
+
+RUNS_FILE = "runs.jsonl"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """Torch version, thread count and machine, recorded with every run."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def make_record(config: Config, result: RunResult, data_sizes: dict[str, int], source: str) -> dict[str, Any]:
+    """The JSON object stored for one finished run."""
+    return {
+        "name": config.name,
+        "method": method_name(config),
+        "k": config.k,
+        "seed": config.seed,
+        "best_dev_acc": result.best_dev_acc,
+        "test_acc": result.test_acc,
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs,
+        "timings": result.timings,
+        "config": config.to_dict(),
+        "data": {"source": source, **data_sizes},
+        "env": environment(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def append_record(out_dir: Path, record: dict[str, Any]) -> None:
+    """Append one run to ``out_dir/runs.jsonl`` as one line, flushed to disk."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / RUNS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_records(out_dir: Path) -> list[dict[str, Any]]:
+    """All runs stored in ``out_dir/runs.jsonl`` (none if it does not exist)."""
+    path = out_dir / RUNS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, k), in first-seen order: means and standard deviations over seeds,
+    with speedups and accuracy deltas against the dense (k=0) row when there is one."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((record["method"], record["k"]), []).append(record)
+    rows = []
+    for (method, k), runs in groups.items():
+        row: dict[str, Any] = {"method": method, "k": k, "runs": len(runs),
+                               "seeds": sorted(run["seed"] for run in runs)}
+        for column, values in (
+            ("linear_backward_s", [run["timings"]["linear_backward"] for run in runs]),
+            ("backward_s", [run["timings"]["backward"] for run in runs]),
+            ("train_s", [run["timings"]["train"] for run in runs]),
+            ("best_dev_acc", [run["best_dev_acc"] for run in runs]),
+            ("test_acc", [run["test_acc"] for run in runs]),
+            ("best_epoch", [run["best_epoch"] for run in runs]),
+        ):
+            row[column], row[f"{column}_std"] = _mean_std(values)
+        rows.append(row)
+    baseline = next((row for row in rows if row["k"] == 0), None)
+    for row in rows:
+        has_baseline = baseline is not None
+        row["linear_backward_speedup"] = (baseline["linear_backward_s"] / row["linear_backward_s"]
+                                          if has_baseline and row["linear_backward_s"] > 0 else None)
+        row["backward_speedup"] = (baseline["backward_s"] / row["backward_s"]
+                                   if has_baseline and row["backward_s"] > 0 else None)
+        row["test_delta"] = row["test_acc"] - baseline["test_acc"] if has_baseline else None
+    return rows
+
+
+def _value(mean: float, std: float, runs: int, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if runs > 1 else f"{mean:.{digits}f}"
+
+
+TABLE_HEADERS = ["method", "k", "linear backprop (s)", "overall backprop (s)", "train time (s)",
+                 "best dev (%)", "test (%)", "best epoch", "seeds"]
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """The summary rows as display strings: ``1.23 (12.3x)`` speedups, ``97.81 (+0.21)`` deltas."""
+    lines = []
+    for row in rows:
+        n = row["runs"]
+        linear = _value(row["linear_backward_s"], row["linear_backward_s_std"], n, 2)
+        backward = _value(row["backward_s"], row["backward_s_std"], n, 2)
+        test = _value(row["test_acc"], row["test_acc_std"], n, 2)
+        if row["k"] != 0 and row["linear_backward_speedup"] is not None:
+            linear += f" ({row['linear_backward_speedup']:.1f}x)"
+            backward += f" ({row['backward_speedup']:.1f}x)"
+            test += f" ({row['test_delta']:+.2f})"
+        lines.append([
+            row["method"], str(row["k"]), linear, backward,
+            _value(row["train_s"], row["train_s_std"], n, 2),
+            _value(row["best_dev_acc"], row["best_dev_acc_std"], n, 2), test,
+            _value(row["best_epoch"], row["best_epoch_std"], n, 1),
+            ",".join(str(seed) for seed in row["seeds"]),
+        ])
+    return lines
+
+
+def format_table(rows: Sequence[dict[str, Any]], fmt: str = "github") -> str:
+    """The paper-style table as text (``github`` Markdown by default)."""
+    return tabulate(table_rows(rows), headers=TABLE_HEADERS, tablefmt=fmt, disable_numparse=True)
+
+
+CSV_COLUMNS = ["method", "k", "runs", "seeds", "linear_backward_s", "linear_backward_s_std",
+               "linear_backward_speedup", "backward_s", "backward_s_std", "backward_speedup", "train_s",
+               "train_s_std", "best_dev_acc", "best_dev_acc_std", "test_acc", "test_acc_std", "test_delta",
+               "best_epoch", "best_epoch_std"]
+
+
+def write_tables(out_dir: Path, rows: Sequence[dict[str, Any]], heading: str) -> None:
+    """Write ``table.md`` (heading plus Markdown table) and ``table.csv`` (raw numbers) to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "table.md").write_text(f"{heading}\n\n{format_table(rows)}\n", encoding="utf-8")
+    with open(out_dir / "table.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "seeds": " ".join(str(seed) for seed in row["seeds"])})

@@ -1,0 +1,129 @@
+"""The paper's test-group harness: seeded training, dev/test evaluation and per-phase timers."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .data import Splits, iterate_minibatches
+from .model import build_model
+from .ops import is_meprop_active, time_linear_backward
+
+PHASES = ("forward", "backward", "linear_backward", "update", "train", "eval", "total")
+EVAL_BATCH = 2000
+
+
+def method_name(config: Config) -> str:
+    """``dense`` when no hidden layer sparsifies its gradient, else e.g. ``meProp per-example top-k``."""
+    if config.n_layer < 2 or not is_meprop_active(config.k, config.d_hidden):
+        return "dense"
+    mode = "unified" if config.unified else "per-example"
+    return f"meProp {mode} {'top-k' if config.selection == 'topk' else 'random-k'}"
+
+
+def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
+    """Adam (paper: betas 0.9/0.999, eps 1e-8), AdaGrad (eps 1e-6) or plain SGD, with ``config.lr``."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    if config.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=config.lr, eps=1e-6)
+    return torch.optim.SGD(params, lr=config.lr)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (%) of ``model`` on ``x, y``, in eval mode."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), EVAL_BATCH):
+        logits = model(x[start:start + EVAL_BATCH])
+        target = y[start:start + EVAL_BATCH]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == target).sum())
+    return loss_sum / len(x), 100.0 * correct / len(x)
+
+
+@dataclass
+class RunResult:
+    """What one training run measured. Accuracies are percentages; timings are seconds summed over training."""
+
+    best_dev_acc: float = float("-inf")
+    test_acc: float | None = None
+    best_epoch: int = 0
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The data-order seed of one epoch: the same for every run of a sweep with this seed."""
+    return seed * 1_000_003 + epoch
+
+
+def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = None) -> RunResult:
+    """Train the config's MLP on ``data``; evaluate dev each epoch and test whenever dev improves.
+
+    ``torch.manual_seed(config.seed)`` precedes model construction, so every k of a sweep
+    starts from the same weights; each epoch's data order depends only on the seed and the
+    epoch. Timers: ``forward`` (model and loss), ``backward`` (``loss.backward()``),
+    ``linear_backward`` (the part of it inside the linear layers), ``update`` (optimizer
+    step and zeroing the gradients), ``train`` (forward + backward + update), ``eval``,
+    ``total``.
+    """
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model = build_model(config, data.n_features, data.n_classes)
+    optimizer = make_optimizer(config, model.parameters())
+    result = RunResult()
+    timings = result.timings
+    run_start = time.perf_counter()
+    for epoch in range(1, config.n_epoch + 1):
+        epoch_start = time.perf_counter()
+        model.train()
+        generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+        loss_sum, correct = 0.0, 0
+        with time_linear_backward() as clock:
+            for x, y in iterate_minibatches(data.train_x, data.train_y, config.d_minibatch, generator):
+                t0 = time.perf_counter()
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                t1 = time.perf_counter()
+                loss.backward()
+                t2 = time.perf_counter()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                t3 = time.perf_counter()
+                timings["forward"] += t1 - t0
+                timings["backward"] += t2 - t1
+                timings["update"] += t3 - t2
+                loss_sum += loss.item() * len(y)
+                correct += int((logits.argmax(dim=1) == y).sum())
+        timings["linear_backward"] += clock.seconds
+        eval_start = time.perf_counter()
+        dev_loss, dev_acc = evaluate(model, data.dev_x, data.dev_y)
+        test_acc = None
+        if dev_acc > result.best_dev_acc:
+            _, test_acc = evaluate(model, data.test_x, data.test_y)
+            result.best_dev_acc, result.test_acc, result.best_epoch = dev_acc, test_acc, epoch
+        timings["eval"] += time.perf_counter() - eval_start
+        n_train = len(data.train_y)
+        result.epochs.append({
+            "epoch": epoch, "train_loss": loss_sum / n_train, "train_acc": 100.0 * correct / n_train,
+            "dev_loss": dev_loss, "dev_acc": dev_acc, "test_acc": test_acc,
+            "seconds": time.perf_counter() - epoch_start,
+        })
+        log(f"  epoch {epoch}/{config.n_epoch}  loss {loss_sum / n_train:.4f}  dev {dev_acc:.2f}%  "
+            f"best {result.best_dev_acc:.2f}% @{result.best_epoch}  test@best {result.test_acc:.2f}%  "
+            f"({time.perf_counter() - epoch_start:.1f}s)")
+    timings["train"] = timings["forward"] + timings["backward"] + timings["update"]
+    timings["total"] = time.perf_counter() - run_start
+    return result

@@ -1,0 +1,86 @@
+"""Configs load into a validated ``Config``; bad values are one-line errors naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from mnist_meprop.config import Config, default_config_path, load_config, validate
+from mnist_meprop.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_default_config_is_the_repository_sample():
+    default = load_config()
+    assert default == load_config(CONFIGS / "sample.yaml")
+    assert default.name == "sample" and default.dataset == "sample"
+    assert default_config_path().is_file()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.name == path.stem
+    assert config.lr > 0
+
+
+def test_paper_configs_have_the_paper_settings():
+    adam = load_config(CONFIGS / "mnist-adam.yaml")
+    assert (adam.d_minibatch, adam.k, adam.unified, adam.n_epoch, adam.optimizer) == (10, 20, False, 20, "adam")
+    assert (adam.d_hidden, adam.n_layer, adam.dev_size) == (500, 3, 5000)
+    unified = load_config(CONFIGS / "mnist-unified.yaml")
+    assert (unified.d_minibatch, unified.k, unified.unified, unified.dropout, unified.n_epoch) == (50, 30, True, 0.1, 20)
+    fashion = load_config(CONFIGS / "fashion-mnist.yaml")
+    assert fashion.dataset == "idx" and fashion.data_dir == "/usr/share/datasets/fashion-mnist"
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    config = load_config(None, ["n_epoch=3", "unified=true", "dropout=0.25", "threads=null", "name=x"])
+    assert (config.n_epoch, config.unified, config.dropout, config.threads, config.name) == (3, True, 0.25, None, "x")
+
+
+def test_lr_defaults_to_the_paper_value_of_the_optimizer():
+    assert validate({"optimizer": "adagrad"}).lr == 0.1
+    assert validate({"optimizer": "adam"}).lr == 0.001
+    assert validate({"optimizer": "sgd", "lr": 0.5}).lr == 0.5
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"n_epochs": 3}, "unknown key 'n_epochs' (did you mean n_epoch?)"),
+    ({"k": "20"}, "k: expected int"),
+    ({"k": 2.5}, "k: expected int"),
+    ({"unified": 1}, "unified: expected bool"),
+    ({"n_layer": True}, "n_layer: expected int"),
+    ({"k": -1}, "k: must be >= 0"),
+    ({"dropout": 1.0}, "dropout: must be in [0, 1)"),
+    ({"optimizer": "rmsprop"}, "optimizer: must be one of adam, adagrad, sgd"),
+    ({"dataset": "cifar"}, "dataset: must be one of sample, mnist, fashion-mnist, idx"),
+    ({"selection": "bottom"}, "selection: must be one of topk, random"),
+    ({"lr": 0}, "lr: must be > 0"),
+    ({"d_hidden": None}, "d_hidden: must not be null"),
+    ({"dataset": "idx"}, "data_dir: required when dataset is idx"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(raw, message):
+    with pytest.raises(ConfigError) as error:
+        validate(raw)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("n_epoch: 3\nk: [1,\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_config(bad)
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["n_epoch"])
+
+
+def test_replace_validates():
+    with pytest.raises(ConfigError, match="k: must be >= 0"):
+        Config().replace(k=-3)
