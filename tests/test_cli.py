@@ -36,7 +36,7 @@ def test_train_prints_table_and_writes_files(tmp_path):
     record = records[0]
     assert RECORD_KEYS <= set(record)
     assert record["config"]["d_hidden"] == 64 and record["config"]["name"] == "sample"
-    assert record["k"] == 20 and len(record["epochs"]) == 2
+    assert record["k"] == 10 and len(record["epochs"]) == 2
     assert record["test_acc"] == record["epochs"][record["best_epoch"] - 1]["test_acc"]
     assert record["env"]["threads"] >= 1 and record["env"]["torch"]
     assert (tmp_path / "table.md").read_text().count("meProp per-example top-k") == 1
