@@ -139,7 +139,7 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
             row["method"], str(row["k"]), linear, backward,
             _value(row["train_s"], row["train_s_std"], n, 2),
             _value(row["best_dev_acc"], row["best_dev_acc_std"], n, 2), test,
-            _value(row["best_epoch"], row["best_epoch_std"], n, 1),
+            _value(row["best_epoch"], row["best_epoch_std"], n, 1 if n > 1 else 0),
             ",".join(str(seed) for seed in row["seeds"]),
         ])
     return lines
