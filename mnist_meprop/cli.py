@@ -8,15 +8,13 @@ from pathlib import Path
 
 import click
 
-from .config import Config, load_config
+from .config import Config, config_warnings, load_config
 from .errors import ConfigError, MePropError
-from .results import environment, format_table, summarize, write_tables
-from .runner import run_experiments, sweep_configs
+from .results import environment, failures, format_table, summarize, write_tables
+from .runner import run_experiments, stop_on_signals, sweep_configs
+from .train import RunInterrupted
 
-
-def _fail(message: object) -> None:
-    click.echo(f"meprop: error: {message}", err=True)
-    sys.exit(2)
+EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def parse_int_list(option: str, text: str) -> list[int]:
@@ -37,14 +35,33 @@ def _heading(config: Config) -> str:
             f"{config.n_epoch} epochs; torch {env['torch']}, {env['threads']} threads, {env['cpu']}")
 
 
-def _run_and_report(configs: Sequence[Config], out: str | None) -> None:
+def _run_and_report(configs: Sequence[Config], out: str | None, fresh: bool) -> None:
+    """Run the group, print and write its table; exit 130 on interrupt, 1 if a run failed."""
     out_dir = Path(out) if out else Path("results") / configs[0].name
-    records = run_experiments(configs, out_dir)
+    for warning in dict.fromkeys(w for config in configs for w in config_warnings(config)):
+        click.echo(warning, err=True)
+    try:
+        with stop_on_signals() as should_stop:
+            records = run_experiments(configs, out_dir, fresh=fresh, should_stop=should_stop)
+    except (RunInterrupted, KeyboardInterrupt):
+        click.echo(f"interrupted: finished runs are in {out_dir / 'runs.jsonl'} and the current run's last "
+                   f"finished epoch is checkpointed; run the same command again to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     rows = summarize(records)
+    failed = failures(records)
     heading = _heading(configs[0])
     click.echo(f"{heading}\n\n{format_table(rows)}")
-    write_tables(out_dir, rows, heading)
+    for line in failed:
+        click.echo(line)
+    write_tables(out_dir, rows, heading, failed)
     click.echo(f"\nwrote {out_dir / 'runs.jsonl'}, {out_dir / 'table.md'}, {out_dir / 'table.csv'}", err=True)
+    if failed:
+        sys.exit(EXIT_RUN_FAILED)
+
+
+def _fail(message: object) -> None:
+    click.echo(f"meprop: error: {message}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 _config_option = click.option("--config", "config_path", metavar="FILE",
@@ -52,22 +69,29 @@ _config_option = click.option("--config", "config_path", metavar="FILE",
 _set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                            help="Override a config key; repeatable, e.g. --set n_epoch=1.")
 _out_option = click.option("--out", metavar="DIR", help="Output folder (default: results/<config name>/).")
+_fresh_option = click.option("--fresh", is_flag=True,
+                             help="Recompute runs already in the output folder instead of skipping them.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mnist-meprop")
 def main() -> None:
-    """meProp: train MLPs whose hidden layers back-propagate only the top-k gradient entries."""
+    """meProp: train MLPs whose hidden layers back-propagate only the top-k gradient entries.
+
+    Runs already stored in the output folder are skipped, and an interrupted run (Ctrl-C)
+    resumes from its last finished epoch when the same command is run again.
+    """
 
 
 @main.command()
 @_config_option
 @_set_option
 @_out_option
-def train(config_path: str | None, overrides: tuple[str, ...], out: str | None) -> None:
+@_fresh_option
+def train(config_path: str | None, overrides: tuple[str, ...], out: str | None, fresh: bool) -> None:
     """Train one config and print its table."""
     try:
-        _run_and_report([load_config(config_path, overrides)], out)
+        _run_and_report([load_config(config_path, overrides)], out, fresh)
     except MePropError as error:
         _fail(error)
 
@@ -78,13 +102,14 @@ def train(config_path: str | None, overrides: tuple[str, ...], out: str | None) 
 @click.option("--seeds", metavar="S,S,...", help="Seeds (default: the config's seed).")
 @_set_option
 @_out_option
+@_fresh_option
 def sweep(config_path: str | None, k_list: str, seeds: str | None, overrides: tuple[str, ...],
-          out: str | None) -> None:
+          out: str | None, fresh: bool) -> None:
     """Train the config once per k (and seed) and print the comparison table."""
     try:
         base = load_config(config_path, overrides)
         ks = parse_int_list("--k", k_list)
         seed_list = parse_int_list("--seeds", seeds) if seeds else [base.seed]
-        _run_and_report(sweep_configs(base, ks, seed_list), out)
+        _run_and_report(sweep_configs(base, ks, seed_list), out, fresh)
     except MePropError as error:
         _fail(error)

@@ -122,6 +122,13 @@ def validate(raw: dict[str, Any]) -> Config:
     return config
 
 
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are valid but probably not what was meant."""
+    if config.k >= config.d_hidden:
+        return [f"warning: k={config.k} >= d_hidden={config.d_hidden}: meProp is off, this is ordinary backprop"]
+    return []
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``"key=value"`` -> ``(key, value)``, the value read as YAML (``20`` is an int, ``null`` is None)."""
     key, sep, text = item.partition("=")

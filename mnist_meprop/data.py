@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,11 +113,29 @@ def bundled_sample_dir() -> Path:
     return Path(str(resources.files("mnist_meprop") / "bundled" / "mnist-sample"))
 
 
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and check a file can be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise DatasetError(f"data_dir {folder}: not writable ({error.strerror or error}); "
+                           "choose another data_dir") from None
+
+
 def download_torchvision(dataset: str, root: Path) -> tuple[torch.Tensor, ...]:
-    """MNIST or Fashion-MNIST through torchvision, downloading into ``root`` if needed."""
+    """MNIST or Fashion-MNIST through torchvision: the files already in ``root`` if complete,
+    else a download into ``root``."""
     from torchvision import datasets
 
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[dataset]
+    try:
+        train, test = cls(str(root), train=True), cls(str(root), train=False)
+        return train.data, train.targets, test.data, test.targets
+    except RuntimeError:
+        pass  # not there yet: download
+    ensure_writable(root)
     try:
         train = cls(str(root), train=True, download=True)
         test = cls(str(root), train=False, download=True)

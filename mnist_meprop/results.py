@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import platform
 import statistics
@@ -16,10 +15,8 @@ import torch
 from tabulate import tabulate
 
 from .config import Config
+from .store import run_key
 from .train import RunResult, method_name
-
-RUNS_FILE = "runs.jsonl"
-
 
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
@@ -44,14 +41,17 @@ def environment() -> dict[str, Any]:
     }
 
 
-def make_record(config: Config, result: RunResult, data_sizes: dict[str, int], source: str) -> dict[str, Any]:
-    """The JSON object stored for one finished run."""
-    return {
+def make_record(config: Config, result: RunResult, data_sizes: dict[str, int], source: str,
+                error: str | None = None) -> dict[str, Any]:
+    """The JSON object stored for one run: ``status`` is ``ok``, or ``failed`` with the ``error``."""
+    record = {
+        "key": run_key(config),
+        "status": "ok" if error is None else "failed",
         "name": config.name,
         "method": method_name(config),
         "k": config.k,
         "seed": config.seed,
-        "best_dev_acc": result.best_dev_acc,
+        "best_dev_acc": result.best_dev_acc if result.epochs else None,
         "test_acc": result.test_acc,
         "best_epoch": result.best_epoch,
         "epochs": result.epochs,
@@ -61,23 +61,15 @@ def make_record(config: Config, result: RunResult, data_sizes: dict[str, int], s
         "env": environment(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if error is not None:
+        record["error"] = error
+    return record
 
 
-def append_record(out_dir: Path, record: dict[str, Any]) -> None:
-    """Append one run to ``out_dir/runs.jsonl`` as one line, flushed to disk."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / RUNS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_records(out_dir: Path) -> list[dict[str, Any]]:
-    """All runs stored in ``out_dir/runs.jsonl`` (none if it does not exist)."""
-    path = out_dir / RUNS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def failures(records: Iterable[dict[str, Any]]) -> list[str]:
+    """One line per failed run: which run, and why."""
+    return [f"failed: {r['method']} k={r['k']} seed={r['seed']}: {r['error']}"
+            for r in records if r.get("status") == "failed"]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -86,9 +78,12 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (method, k), in first-seen order: means and standard deviations over seeds,
-    with speedups and accuracy deltas against the dense (k=0) row when there is one."""
+    with speedups and accuracy deltas against the dense (k=0) row when there is one.
+    Failed runs are left out (see :func:`failures`)."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for record in records:
+        if record.get("status", "ok") != "ok":
+            continue
         groups.setdefault((record["method"], record["k"]), []).append(record)
     rows = []
     for (method, k), runs in groups.items():
@@ -156,10 +151,11 @@ CSV_COLUMNS = ["method", "k", "runs", "seeds", "linear_backward_s", "linear_back
                "best_epoch", "best_epoch_std"]
 
 
-def write_tables(out_dir: Path, rows: Sequence[dict[str, Any]], heading: str) -> None:
-    """Write ``table.md`` (heading plus Markdown table) and ``table.csv`` (raw numbers) to ``out_dir``."""
+def write_tables(out_dir: Path, rows: Sequence[dict[str, Any]], heading: str, notes: Sequence[str] = ()) -> None:
+    """Write ``table.md`` (heading, Markdown table, notes) and ``table.csv`` (raw numbers) to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "table.md").write_text(f"{heading}\n\n{format_table(rows)}\n", encoding="utf-8")
+    tail = "".join(f"\n{note}\n" for note in notes)
+    (out_dir / "table.md").write_text(f"{heading}\n\n{format_table(rows)}\n{tail}", encoding="utf-8")
     with open(out_dir / "table.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +19,7 @@ from .config import Config
 from .data import Splits, iterate_minibatches
 from .model import build_model
 from .ops import is_meprop_active, time_linear_backward
+from .store import load_checkpoint, save_checkpoint
 
 PHASES = ("forward", "backward", "linear_backward", "update", "train", "eval", "total")
 EVAL_BATCH = 2000
@@ -62,12 +66,29 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
 
+class RunInterrupted(Exception):
+    """A stop was requested; the run's checkpoint after epoch ``epoch`` is intact on disk."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"stopped after epoch {epoch}")
+        self.epoch = epoch
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; ``result`` holds the epochs finished before."""
+
+    def __init__(self, epoch: int, step: int, value: float, result: RunResult) -> None:
+        super().__init__(f"non-finite loss ({value}) at epoch {epoch}, step {step}")
+        self.result = result
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The data-order seed of one epoch: the same for every run of a sweep with this seed."""
     return seed * 1_000_003 + epoch
 
 
-def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = None) -> RunResult:
+def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = None,
+              checkpoint: Path | None = None, should_stop: Callable[[], bool] | None = None) -> RunResult:
     """Train the config's MLP on ``data``; evaluate dev each epoch and test whenever dev improves.
 
     ``torch.manual_seed(config.seed)`` precedes model construction, so every k of a sweep
@@ -76,6 +97,12 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     ``linear_backward`` (the part of it inside the linear layers), ``update`` (optimizer
     step and zeroing the gradients), ``train`` (forward + backward + update), ``eval``,
     ``total``.
+
+    With ``checkpoint``, the model, optimizer, RNG state and results so far are saved there
+    after every epoch, and a run that finds a checkpoint continues after its epoch, ending
+    exactly as an uninterrupted run would. ``should_stop`` is polled before every step; when
+    it returns True the run raises :class:`RunInterrupted`. A NaN or infinite loss raises
+    :class:`NonFiniteLoss`.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     if config.threads is not None:
@@ -84,15 +111,26 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     model = build_model(config, data.n_features, data.n_classes)
     optimizer = make_optimizer(config, model.parameters())
     result = RunResult()
+    saved = load_checkpoint(checkpoint) if checkpoint is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        result = RunResult(**saved["result"])
+        log(f"  resuming after epoch {saved['epoch']} from {checkpoint}")
     timings = result.timings
-    run_start = time.perf_counter()
-    for epoch in range(1, config.n_epoch + 1):
+    elapsed_before, run_start = timings["total"], time.perf_counter()
+    n_train = len(data.train_y)
+    for epoch in range(len(result.epochs) + 1, config.n_epoch + 1):
         epoch_start = time.perf_counter()
         model.train()
         generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         loss_sum, correct = 0.0, 0
         with time_linear_backward() as clock:
-            for x, y in iterate_minibatches(data.train_x, data.train_y, config.d_minibatch, generator):
+            batches = iterate_minibatches(data.train_x, data.train_y, config.d_minibatch, generator)
+            for step, (x, y) in enumerate(batches, start=1):
+                if should_stop is not None and should_stop():
+                    raise RunInterrupted(epoch - 1)
                 t0 = time.perf_counter()
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
@@ -105,7 +143,10 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
                 timings["forward"] += t1 - t0
                 timings["backward"] += t2 - t1
                 timings["update"] += t3 - t2
-                loss_sum += loss.item() * len(y)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLoss(epoch, step, loss_value, result)
+                loss_sum += loss_value * len(y)
                 correct += int((logits.argmax(dim=1) == y).sum())
         timings["linear_backward"] += clock.seconds
         eval_start = time.perf_counter()
@@ -115,15 +156,19 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
             _, test_acc = evaluate(model, data.test_x, data.test_y)
             result.best_dev_acc, result.test_acc, result.best_epoch = dev_acc, test_acc, epoch
         timings["eval"] += time.perf_counter() - eval_start
-        n_train = len(data.train_y)
         result.epochs.append({
             "epoch": epoch, "train_loss": loss_sum / n_train, "train_acc": 100.0 * correct / n_train,
             "dev_loss": dev_loss, "dev_acc": dev_acc, "test_acc": test_acc,
             "seconds": time.perf_counter() - epoch_start,
         })
+        timings["train"] = timings["forward"] + timings["backward"] + timings["update"]
+        timings["total"] = elapsed_before + time.perf_counter() - run_start
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(), "result": dataclasses.asdict(result),
+            })
         log(f"  epoch {epoch}/{config.n_epoch}  loss {loss_sum / n_train:.4f}  dev {dev_acc:.2f}%  "
             f"best {result.best_dev_acc:.2f}% @{result.best_epoch}  test@best {result.test_acc:.2f}%  "
             f"({time.perf_counter() - epoch_start:.1f}s)")
-    timings["train"] = timings["forward"] + timings["backward"] + timings["update"]
-    timings["total"] = time.perf_counter() - run_start
     return result

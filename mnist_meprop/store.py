@@ -1,0 +1,124 @@
+"""Durable run storage: ``runs.jsonl`` keyed by run, and per-epoch checkpoints for resuming.
+
+Nothing a finished run produced may be lost to a crash or an interrupt: each record is one
+line written with a single ``write`` and fsynced; a torn last line (a crash mid-write) is
+skipped with a warning; checkpoints are written to a temporary file and renamed over the
+old one, so a checkpoint on disk is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config
+
+RUNS_FILE = "runs.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def run_key(config: Config) -> str:
+    """A stable hash of the resolved config (seed included): the identity of a run."""
+    canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def append_record(out_dir: Path, record: dict[str, Any]) -> None:
+    """Append one run to ``out_dir/runs.jsonl`` as one line, flushed and fsynced."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RUNS_FILE
+    line = json.dumps(record) + "\n"
+    with open(path, "a+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() > 0:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":  # a torn line from a crash: keep it apart from this record
+                line = "\n" + line
+        handle.write(line.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_records(out_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """All complete records in ``out_dir/runs.jsonl``; unreadable lines are skipped with a warning."""
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    path = out_dir / RUNS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            warn(f"warning: {path} line {number} is incomplete (a run interrupted while writing?); skipped")
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def latest_by_key(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The newest record of each run key (a ``--fresh`` rerun supersedes the older record)."""
+    return {record["key"]: record for record in records if "key" in record}
+
+
+def checkpoint_path(out_dir: Path, key: str) -> Path:
+    return out_dir / CHECKPOINT_DIR / f"{key}.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` with ``torch.save`` to a temporary file, fsync it and rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path``, or None if there is none (or it cannot be read)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged checkpoint only costs the epochs since the run started
+        print(f"warning: checkpoint {path} unreadable ({error}); the run starts over", file=sys.stderr)
+        return None
+
+
+def remove_checkpoint(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass
