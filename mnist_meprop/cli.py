@@ -113,3 +113,30 @@ def sweep(config_path: str | None, k_list: str, seeds: str | None, overrides: tu
         _run_and_report(sweep_configs(base, ks, seed_list), out, fresh)
     except MePropError as error:
         _fail(error)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Only the target settings (d=500 mb 10 per-example k=20, "
+              "d=500 mb 50 unified k=30, d=2000 mb 50 unified k=20) with their baselines.")
+@click.option("--json", "json_path", metavar="FILE", help="Also write the records as JSON.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: torch's default on this machine); printed.")
+@click.option("--repeats", type=click.IntRange(min=5), default=None, help="Timed iterations per figure.")
+@click.option("--optimizer", type=click.Choice(["adam", "adagrad", "sgd"]), default="adam", show_default=True)
+def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int | None, optimizer: str) -> None:
+    """Time forward, linear backward, backward, update and full step: meProp vs nn.Linear."""
+    import json
+
+    import torch
+
+    from .bench import as_dicts, environment_line, markdown_table, run_bench
+
+    torch.set_num_threads(threads or torch.get_num_threads())
+    header = environment_line(optimizer)
+    click.echo(f"meprop bench{' --quick' if quick else ''}: {header}; medians in microseconds", err=True)
+    records = run_bench(quick=quick, repeats=repeats, optimizer=optimizer,
+                        log=lambda line: click.echo(line, err=True))
+    click.echo(f"# meprop bench{' --quick' if quick else ''}\n\n{header}; medians in µs\n\n{markdown_table(records)}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps({"environment": header, "records": as_dicts(records)}, indent=1))

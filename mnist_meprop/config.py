@@ -41,6 +41,7 @@ class Config:
     dropout: float = 0.0
     optimizer: str = "adam"
     lr: float | None = None
+    sparse_update: bool = False
     seed: int = 1
     threads: int | None = None
 
@@ -83,6 +84,7 @@ _RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]] = {
     "dropout": (float, False, _dropout_range),
     "optimizer": (str, False, _one_of(OPTIMIZERS)),
     "lr": (float, True, lambda v: None if v > 0 else "must be > 0"),
+    "sparse_update": (bool, False, None),
     "seed": (int, False, _at_least(0)),
     "threads": (int, True, _at_least(1)),
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import SELECTIONS, meprop_linear
+from .ops import SELECTIONS, is_meprop_active, meprop_linear
 
 
 class MePropLinear(nn.Linear):
@@ -15,7 +15,9 @@ class MePropLinear(nn.Linear):
     ``nn.Linear``, so a trained ``nn.Linear`` state loads into it and back. The forward is
     unchanged; the backward follows :func:`mnist_meprop.meprop_linear` with this layer's
     ``k``, ``unified`` and ``selection``. ``k <= 0`` or ``k >= out_features`` is plain
-    backprop.
+    backprop. ``sparse_grad=True`` makes the weight and bias gradients sparse COO tensors of
+    the selected rows (like ``nn.Embedding(sparse=True)``): no dense work in the backward,
+    for optimizers that take sparse gradients (see :mod:`mnist_meprop.optim`).
     """
 
     def __init__(
@@ -26,6 +28,7 @@ class MePropLinear(nn.Linear):
         unified: bool = True,
         selection: str = "topk",
         bias: bool = True,
+        sparse_grad: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -35,9 +38,15 @@ class MePropLinear(nn.Linear):
         self.k = int(k)
         self.unified = bool(unified)
         self.selection = selection
+        self.sparse_grad = bool(sparse_grad)
+
+    @property
+    def meprop_active(self) -> bool:
+        """False when ``k`` makes this an ordinary linear layer."""
+        return is_meprop_active(self.k, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return meprop_linear(x, self.weight, self.bias, self.k, self.unified, self.selection)
+        return meprop_linear(x, self.weight, self.bias, self.k, self.unified, self.selection, self.sparse_grad)
 
     def extra_repr(self) -> str:
         mode = "unified" if self.unified else "per_example"

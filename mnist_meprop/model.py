@@ -9,17 +9,20 @@ from .layers import MePropLinear
 
 
 def build_mlp(d_input: int, n_classes: int, d_hidden: int, n_layer: int, k: int,
-              unified: bool = False, selection: str = "topk", dropout: float = 0.0) -> nn.Sequential:
+              unified: bool = False, selection: str = "topk", dropout: float = 0.0,
+              sparse_grad: bool = False) -> nn.Sequential:
     """``n_layer`` linear layers counting the output layer: (meProp linear, ReLU, dropout) per hidden layer.
 
     The output layer is a plain (dense, ``k=0``) ``MePropLinear``: ordinary backprop, but its
     backward runs through the same timed code path as the hidden layers, so the linear
     backward time covers every linear layer for meProp and the dense baseline alike.
+    ``sparse_grad`` makes the hidden meProp layers return row-sparse gradients.
     """
     layers: list[nn.Module] = []
     width = d_input
     for _ in range(n_layer - 1):
-        layers += [MePropLinear(width, d_hidden, k, unified=unified, selection=selection), nn.ReLU()]
+        layers += [MePropLinear(width, d_hidden, k, unified=unified, selection=selection, sparse_grad=sparse_grad),
+                   nn.ReLU()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = d_hidden
@@ -30,4 +33,4 @@ def build_mlp(d_input: int, n_classes: int, d_hidden: int, n_layer: int, k: int,
 def build_model(config: Config, d_input: int, n_classes: int) -> nn.Sequential:
     """The MLP described by ``config`` for data with ``d_input`` features and ``n_classes`` labels."""
     return build_mlp(d_input, n_classes, config.d_hidden, config.n_layer, config.k,
-                     config.unified, config.selection, config.dropout)
+                     config.unified, config.selection, config.dropout, sparse_grad=True)

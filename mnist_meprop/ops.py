@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .kernels import cpu_kernels
+
 SELECTIONS = ("topk", "random")
 
 
@@ -70,10 +72,12 @@ def select_indices(dy: torch.Tensor, k: int, unified: bool, selection: str) -> t
 
 class _MePropLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, k, unified, selection):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, k, unified, selection, sparse_grad):  # type: ignore[override]
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.save_for_backward(x if needs_dw else None, weight if needs_dx else None)
         ctx.k, ctx.unified, ctx.selection = k, unified, selection
+        # Row-sparse gradients are written straight into .grad (see meprop_linear's docstring).
+        ctx.sparse_params = (weight, bias) if sparse_grad and is_meprop_active(k, weight.shape[0]) else None
         ctx.has_bias = bias is not None
         ctx.weight_shape = weight.shape
         return F.linear(x, weight, bias)
@@ -85,46 +89,80 @@ class _MePropLinearFunction(torch.autograd.Function):
         start = time.perf_counter() if clock is not None else 0.0
         x, weight = ctx.saved_tensors
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-        out_features = dy.shape[-1]
+        out_features, in_features = ctx.weight_shape
         dy2 = dy.reshape(-1, out_features)
+        x2 = x.reshape(-1, in_features) if x is not None else None
         if is_meprop_active(ctx.k, out_features):
-            grads = _sparse_backward(dy2, x, weight, ctx.weight_shape, ctx.k, ctx.unified, ctx.selection,
-                                     needs_dx, needs_dw, needs_db)
+            dx, rows, w_values, b_values = _row_sparse_backward(
+                dy2, x2, weight, ctx.k, ctx.unified, ctx.selection, needs_dx, needs_dw)
+            if ctx.sparse_params is not None:
+                weight_param, bias_param = ctx.sparse_params
+                if needs_dw:
+                    _accumulate_sparse(weight_param, rows, w_values)
+                if needs_db:
+                    _accumulate_sparse(bias_param, rows, b_values)
+                dw = db = None
+            else:
+                dw = values_to_dense(rows, w_values, ctx.weight_shape) if needs_dw else None
+                db = values_to_dense(rows, b_values, (out_features,)) if needs_db else None
         else:
-            grads = _dense_backward(dy2, x, weight, needs_dx, needs_dw, needs_db)
-        dx, dw, db = grads
+            dx = dy2.mm(weight) if needs_dx else None
+            dw = dy2.t().mm(x2) if needs_dw else None
+            db = dy2.sum(dim=0) if needs_db else None
         if dx is not None:
-            dx = dx.reshape(*dy.shape[:-1], dx.shape[-1])
+            dx = dx.reshape(*dy.shape[:-1], in_features)
         if clock is not None:
             clock.seconds += time.perf_counter() - start
-        return dx, dw, (db if ctx.has_bias else None), None, None, None
+        return dx, dw, (db if ctx.has_bias else None), None, None, None, None
 
 
-def _dense_backward(dy2, x, weight, needs_dx, needs_dw, needs_db):
-    """The backward of ``F.linear``: the same two matmuls and sum torch itself runs."""
-    dx = dy2.mm(weight) if needs_dx else None
-    dw = dy2.t().mm(x.reshape(-1, x.shape[-1])) if needs_dw else None
-    db = dy2.sum(dim=0) if needs_db else None
-    return dx, dw, db
+def values_to_dense(rows: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    """A dense tensor of ``shape``: ``values`` at ``rows``, zero elsewhere (this zero-fills)."""
+    return values.new_zeros(shape).index_copy_(0, rows, values)
 
 
-def _sparse_backward(dy2, x, weight, weight_shape, k, unified, selection, needs_dx, needs_dw, needs_db):
-    """Backward from ``dy`` with all but ``k`` entries per row (or per batch) zeroed."""
-    indices = select_indices(dy2, k, unified, selection)
+def _accumulate_sparse(param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """``param.grad += `` the row-sparse gradient, as a sparse COO tensor (what backward() would do)."""
+    grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, param.shape, is_coalesced=True,
+                                   check_invariants=False)
+    param.grad = grad if param.grad is None else param.grad + grad
+
+
+def _row_sparse_backward(dy2, x2, weight, k, unified, selection, needs_dx, needs_dw):
+    """``dx`` and the row-sparse ``dW``/``db`` of a linear layer from ``dy`` masked to k entries.
+
+    Returns ``(dx or None, rows, weight rows, bias rows)``; rows are sorted and unique. No work
+    proportional to ``out x in`` is done: unified mode multiplies the ``[N, k]`` block of kept
+    columns; per-example mode touches only each example's own k rows.
+    """
     if unified:
-        # One index set: the kept columns of dy form a dense [N, k] block.
-        dy_kept = dy2.index_select(1, indices)
-        dx = dy_kept.mm(weight.index_select(0, indices)) if needs_dx else None
-        dw = db = None
-        if needs_dw:
-            dw = dy2.new_zeros(weight_shape)
-            dw.index_copy_(0, indices, dy_kept.t().mm(x.reshape(-1, x.shape[-1])))
-        if needs_db:
-            db = dy2.new_zeros(dy2.shape[1])
-            db.index_copy_(0, indices, dy_kept.sum(dim=0))
-        return dx, dw, db
-    masked = torch.zeros_like(dy2).scatter_(1, indices, dy2.gather(1, indices))
-    return _dense_backward(masked, x, weight, needs_dx, needs_dw, needs_db)
+        rows = select_indices(dy2, k, True, selection).sort().values
+        dy_kept = dy2.index_select(1, rows)
+        dx = dy_kept.mm(weight.index_select(0, rows)) if needs_dx else None
+        w_values = dy_kept.t().mm(x2) if needs_dw else None
+        return dx, rows, w_values, dy_kept.sum(dim=0)
+    kernels = cpu_kernels() if dy2.device.type == "cpu" else None
+    if kernels is not None:
+        given = select_indices(dy2, k, False, selection).sort(dim=1).values if selection != "topk" else None
+        dx, rows, w_values, b_values = kernels.per_example_backward(
+            dy2.contiguous(), x2.contiguous() if needs_dw else None, weight if needs_dx else None,
+            given, k, needs_dx, needs_dw)
+        return (dx if needs_dx else None), rows, (w_values if needs_dw else None), b_values
+    indices = select_indices(dy2, k, False, selection)
+    kept = dy2.gather(1, indices)
+    n_rows, in_features = dy2.shape[0], (x2.shape[1] if x2 is not None else weight.shape[1])
+    dx = None
+    if needs_dx:
+        picked = weight.index_select(0, indices.reshape(-1)).view(n_rows, k, in_features)
+        dx = torch.bmm(kept.unsqueeze(1), picked).squeeze(1)
+    rows, slot = torch.unique(indices, sorted=True, return_inverse=True)
+    slot = slot.reshape(-1)
+    b_values = kept.new_zeros(len(rows)).index_add_(0, slot, kept.reshape(-1))
+    w_values = None
+    if needs_dw:
+        outer = (kept.unsqueeze(2) * x2.unsqueeze(1)).reshape(-1, in_features)
+        w_values = kept.new_zeros(len(rows), in_features).index_add_(0, slot, outer)
+    return dx, rows, w_values, b_values
 
 
 def meprop_linear(
@@ -134,6 +172,7 @@ def meprop_linear(
     k: int,
     unified: bool = True,
     selection: str = "topk",
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` whose backward keeps only ``k`` entries of ``dy``.
 
@@ -148,7 +187,15 @@ def meprop_linear(
     masked ``dy``: the bias, too, uses the masked ``dy``, so only the ``k`` selected rows
     of ``[weight | bias]`` receive a gradient. (The paper's original GPU code used the full
     ``dy`` for the bias; the masked one keeps the update row-sparse.)
+
+    ``sparse_grad=True`` gives ``weight`` and ``bias`` sparse COO gradients holding just the
+    selected rows, so the backward does no ``out x in`` work; use it with an optimizer that
+    accepts them (see :mod:`mnist_meprop.optim`). To spare autograd's per-tensor overhead,
+    these gradients are added to ``weight.grad`` / ``bias.grad`` by the backward itself, as
+    ``loss.backward()`` would, so ``torch.autograd.grad`` and tensor hooks do not see them.
+    With ``False`` (the default) they are ordinary dense tensors through autograd, for any
+    optimizer and any autograd use.
     """
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    return _MePropLinearFunction.apply(x, weight, bias, int(k), bool(unified), selection)
+    return _MePropLinearFunction.apply(x, weight, bias, int(k), bool(unified), selection, bool(sparse_grad))

@@ -18,6 +18,7 @@ from torch import nn
 from .config import Config
 from .data import Splits, iterate_minibatches
 from .model import build_model
+from .optim import build_optimizer
 from .ops import is_meprop_active, time_linear_backward
 from .store import load_checkpoint, save_checkpoint
 
@@ -31,15 +32,6 @@ def method_name(config: Config) -> str:
         return "dense"
     mode = "unified" if config.unified else "per-example"
     return f"meProp {mode} {'top-k' if config.selection == 'topk' else 'random-k'}"
-
-
-def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
-    """Adam (paper: betas 0.9/0.999, eps 1e-8), AdaGrad (eps 1e-6) or plain SGD, with ``config.lr``."""
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
-    if config.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=config.lr, eps=1e-6)
-    return torch.optim.SGD(params, lr=config.lr)
 
 
 @torch.no_grad()
@@ -109,7 +101,7 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     model = build_model(config, data.n_features, data.n_classes)
-    optimizer = make_optimizer(config, model.parameters())
+    optimizer = build_optimizer(config, model)
     result = RunResult()
     saved = load_checkpoint(checkpoint) if checkpoint is not None else None
     if saved is not None:
@@ -138,7 +130,7 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
                 loss.backward()
                 t2 = time.perf_counter()
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 t3 = time.perf_counter()
                 timings["forward"] += t1 - t0
                 timings["backward"] += t2 - t1

@@ -1,0 +1,182 @@
+// CPU kernels for meProp: the per-example top-k backward of a linear layer, and lazy row-sparse
+// optimizer updates. Built on first use by mnist_meprop.kernels (torch.utils.cpp_extension);
+// the package falls back to equivalent PyTorch code when no compiler is available.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+// Below this many multiply-adds a loop runs on one thread: waking the pool costs more.
+constexpr int64_t kParallelWork = 1 << 18;
+
+// Grain for at::parallel_for over `range` items of `work_per_item` each: all in one chunk when small.
+inline int64_t grain(int64_t range, int64_t work_per_item) {
+  return range * work_per_item < kParallelWork ? std::max<int64_t>(range, 1)
+                                               : std::max<int64_t>(kParallelWork / std::max<int64_t>(work_per_item, 1), 1);
+}
+
+// Top-k of |dy| for each row of dy [n, out]; indices (sorted) written to idx [n, k].
+template <typename scalar_t>
+void topk_rows(const scalar_t* dy, int64_t n, int64_t out, int64_t k, int64_t* idx) {
+  at::parallel_for(0, n, grain(n, out * 8), [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> order(out);
+    std::vector<scalar_t> mag(out);
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* g = dy + row * out;
+      for (int64_t j = 0; j < out; ++j) mag[j] = std::abs(g[j]);
+      std::iota(order.begin(), order.end(), 0);
+      const scalar_t* m = mag.data();
+      std::nth_element(order.begin(), order.begin() + (k - 1), order.end(),
+                       [m](int32_t a, int32_t b) { return m[a] > m[b]; });
+      std::sort(order.begin(), order.begin() + k);
+      std::copy(order.begin(), order.begin() + k, idx + row * k);
+    }
+  });
+}
+
+}  // namespace
+
+// Backward of y = x W^T + b keeping, per example, the given (or top-k) entries of dy.
+// Returns {dx (or None), rows [r] sorted unique, weight values [r, in] (or None), bias values [r]}:
+// the row-sparse gradient of W and b. Without idx [n, k], the top-k of |dy| of each row is used.
+std::vector<torch::Tensor> per_example_backward(torch::Tensor dy, c10::optional<torch::Tensor> x_opt,
+                                                c10::optional<torch::Tensor> weight_opt,
+                                                c10::optional<torch::Tensor> idx_opt, int64_t k, bool need_dx,
+                                                bool need_dw) {
+  TORCH_CHECK(dy.dim() == 2 && dy.is_contiguous(), "dy must be a contiguous 2-D tensor");
+  TORCH_CHECK(!need_dw || (x_opt.has_value() && x_opt->is_contiguous()), "need_dw needs a contiguous x");
+  TORCH_CHECK(!need_dx || (weight_opt.has_value() && weight_opt->is_contiguous()), "need_dx needs a contiguous weight");
+  const int64_t n = dy.size(0), out = dy.size(1);
+  torch::Tensor idx = idx_opt.has_value() ? *idx_opt : torch::Tensor();
+  torch::Tensor x = x_opt.has_value() ? *x_opt : torch::Tensor();
+  torch::Tensor weight = weight_opt.has_value() ? *weight_opt : torch::Tensor();
+  if (!idx.defined()) {
+    idx = torch::empty({n, k}, dy.options().dtype(torch::kLong));
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "meprop_topk", [&] {
+      topk_rows<scalar_t>(dy.data_ptr<scalar_t>(), n, out, k, idx.data_ptr<int64_t>());
+    });
+  }
+  TORCH_CHECK(idx.is_contiguous() && idx.size(0) == n && idx.size(1) == k, "idx must be [n, k]");
+  const int64_t* sel = idx.data_ptr<int64_t>();
+
+  // Unique selected rows in increasing order, and each one's slot.
+  std::vector<int64_t> slot(out, -1);
+  for (int64_t i = 0; i < n * k; ++i) slot[sel[i]] = 0;
+  std::vector<int64_t> row_list;
+  for (int64_t r = 0; r < out; ++r)
+    if (slot[r] == 0) { slot[r] = static_cast<int64_t>(row_list.size()); row_list.push_back(r); }
+  const int64_t n_rows = static_cast<int64_t>(row_list.size());
+  auto rows = torch::from_blob(row_list.data(), {n_rows}, torch::kLong).clone();
+
+  torch::Tensor dx, w_values, b_values;
+  b_values = torch::zeros({n_rows}, dy.options());
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "meprop_per_example_backward", [&] {
+    const scalar_t* g = dy.data_ptr<scalar_t>();
+    scalar_t* bv = b_values.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n * k; ++i) bv[slot[sel[i]]] += g[(i / k) * out + sel[i]];
+    if (need_dw) {
+      const int64_t in = x.size(1);
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      w_values = torch::zeros({n_rows, in}, dy.options());
+      scalar_t* wv = w_values.data_ptr<scalar_t>();
+      // Split the input features between threads: no two threads touch the same element.
+      at::parallel_for(0, in, grain(in, n * k), [&](int64_t c0, int64_t c1) {
+        for (int64_t i = 0; i < n * k; ++i) {
+          const int64_t ex = i / k;
+          const scalar_t coef = g[ex * out + sel[i]];
+          scalar_t* __restrict__ dst = wv + slot[sel[i]] * in;
+          const scalar_t* __restrict__ src = xp + ex * in;
+          for (int64_t c = c0; c < c1; ++c) dst[c] += coef * src[c];
+        }
+      });
+    }
+    if (need_dx) {
+      const int64_t in = weight.size(1);
+      const scalar_t* w = weight.data_ptr<scalar_t>();
+      dx = torch::zeros({n, in}, dy.options());
+      scalar_t* dxp = dx.data_ptr<scalar_t>();
+      at::parallel_for(0, n, grain(n, k * in), [&](int64_t e0, int64_t e1) {
+        for (int64_t ex = e0; ex < e1; ++ex) {
+          scalar_t* __restrict__ dst = dxp + ex * in;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t r = sel[ex * k + j];
+            const scalar_t coef = g[ex * out + r];
+            const scalar_t* __restrict__ src = w + r * in;
+            for (int64_t c = 0; c < in; ++c) dst[c] += coef * src[c];
+          }
+        }
+      });
+    }
+  });
+  return {dx, rows, w_values, b_values};
+}
+
+// Lazy Adam on the given rows of param (moments of other rows are left as they are).
+void adam_rows(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, torch::Tensor rows,
+               torch::Tensor values, double lr, double beta1, double beta2, double eps, int64_t step) {
+  const int64_t n_rows = rows.numel();
+  const int64_t width = param.numel() / std::max<int64_t>(param.size(0), 1);
+  const double bias1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bias2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
+  const int64_t* r = rows.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "meprop_adam_rows", [&] {
+    scalar_t* p = param.data_ptr<scalar_t>();
+    scalar_t* m = exp_avg.data_ptr<scalar_t>();
+    scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
+    const scalar_t* g = values.data_ptr<scalar_t>();
+    const scalar_t b1 = beta1, b2 = beta2, one_b1 = 1 - beta1, one_b2 = 1 - beta2;
+    const scalar_t step_size = lr / bias1, inv_b2 = 1.0 / bias2_sqrt, e = eps;
+    at::parallel_for(0, n_rows, grain(n_rows, width * 4), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t off = r[i] * width;
+        scalar_t* __restrict__ pp = p + off;
+        scalar_t* __restrict__ mm = m + off;
+        scalar_t* __restrict__ vv = v + off;
+        const scalar_t* __restrict__ gg = g + i * width;
+        for (int64_t c = 0; c < width; ++c) {
+          const scalar_t gc = gg[c];
+          mm[c] = b1 * mm[c] + one_b1 * gc;
+          vv[c] = b2 * vv[c] + one_b2 * gc * gc;
+          pp[c] -= step_size * mm[c] / (std::sqrt(vv[c]) * inv_b2 + e);
+        }
+      }
+    });
+  });
+}
+
+// AdaGrad on the given rows: identical to the dense update, since other rows have zero gradient.
+void adagrad_rows(torch::Tensor param, torch::Tensor state_sum, torch::Tensor rows, torch::Tensor values,
+                  double lr, double eps) {
+  const int64_t n_rows = rows.numel();
+  const int64_t width = param.numel() / std::max<int64_t>(param.size(0), 1);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "meprop_adagrad_rows", [&] {
+    scalar_t* p = param.data_ptr<scalar_t>();
+    scalar_t* s = state_sum.data_ptr<scalar_t>();
+    const scalar_t* g = values.data_ptr<scalar_t>();
+    const scalar_t rate = lr, e = eps;
+    at::parallel_for(0, n_rows, grain(n_rows, width * 4), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t off = r[i] * width;
+        scalar_t* __restrict__ pp = p + off;
+        scalar_t* __restrict__ ss = s + off;
+        const scalar_t* __restrict__ gg = g + i * width;
+        for (int64_t c = 0; c < width; ++c) {
+          ss[c] += gg[c] * gg[c];
+          pp[c] -= rate * gg[c] / (std::sqrt(ss[c]) + e);
+        }
+      }
+    });
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("per_example_backward", &per_example_backward, "meProp per-example backward (CPU)");
+  m.def("adam_rows", &adam_rows, "lazy Adam update of some rows (CPU)");
+  m.def("adagrad_rows", &adagrad_rows, "AdaGrad update of some rows (CPU)");
+}

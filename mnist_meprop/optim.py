@@ -1,0 +1,169 @@
+"""Optimizers for models whose meProp layers return row-sparse gradients.
+
+``sparse_update=False`` (the paper's setting) turns each sparse gradient into a dense one and
+runs the stock optimizer, so every parameter is updated every step. ``sparse_update=True``
+updates only the rows that got a gradient:
+
+- **sgd** and **adagrad**: the same result as the dense update (rows without a gradient would
+  not move and AdaGrad's sum of squares does not decay);
+- **adam**: a *lazy* Adam, as ``torch.optim.SparseAdam``: a row's moments are updated only
+  when it gets a gradient. In dense Adam, a row with zero gradient keeps moving on its decaying
+  first moment and its moments decay; here it neither moves nor decays. The bias correction
+  uses the optimizer's global step, as SparseAdam does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config
+from .kernels import cpu_kernels
+from .layers import MePropLinear
+
+
+def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The touched rows (sorted, unique) of a gradient and their values ``[rows, ...]``."""
+    if grad.is_sparse:
+        rows = grad._indices()[0]
+        # meProp layers emit sorted unique rows, but autograd drops the coalesced flag; checking
+        # the order is far cheaper than coalescing again. Accumulated gradients get coalesced.
+        if grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all()):
+            return rows, grad._values()
+        grad = grad.coalesce()
+        return grad._indices()[0], grad._values()
+    return torch.arange(grad.shape[0], device=grad.device), grad
+
+
+class RowSparseOptimizer(torch.optim.Optimizer):
+    """Adam (lazy), AdaGrad or SGD that updates only the rows present in each gradient.
+
+    Accepts sparse COO gradients whose sparse dimension is the first (the rows of a weight
+    ``[out, in]`` or of a bias ``[out]``), as ``MePropLinear(..., sparse_grad=True)`` returns;
+    a dense gradient updates every row.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], kind: str, lr: float, betas=(0.9, 0.999),
+                 eps: float | None = None) -> None:
+        if kind not in ("adam", "adagrad", "sgd"):
+            raise ValueError(f"kind must be adam, adagrad or sgd, got {kind!r}")
+        eps = eps if eps is not None else (1e-8 if kind == "adam" else 1e-6)
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        self.kind = kind
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        kernels = None
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                rows, values = _rows_and_values(param.grad)
+                values = values.contiguous()
+                if self.kind == "sgd":
+                    param.index_add_(0, rows, values, alpha=-group["lr"])
+                    continue
+                if kernels is None and param.device.type == "cpu":
+                    kernels = cpu_kernels() or False
+                use_kernels = bool(kernels) and param.device.type == "cpu" and param.is_contiguous()
+                state = self.state[param]
+                if self.kind == "adam":
+                    if not state:
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+                        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+                    state["step"] += 1
+                    beta1, beta2 = group["betas"]
+                    if use_kernels:
+                        kernels.adam_rows(param, state["exp_avg"], state["exp_avg_sq"], rows, values,
+                                          group["lr"], beta1, beta2, group["eps"], state["step"])
+                    else:
+                        _adam_rows(param, state, rows, values, group["lr"], beta1, beta2, group["eps"])
+                else:
+                    if not state:
+                        state["sum"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+                    if use_kernels:
+                        kernels.adagrad_rows(param, state["sum"], rows, values, group["lr"], group["eps"])
+                    else:
+                        _adagrad_rows(param, state["sum"], rows, values, group["lr"], group["eps"])
+        return None
+
+
+def _adam_rows(param, state, rows, values, lr, beta1, beta2, eps):
+    step = state["step"]
+    exp_avg = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(values, alpha=1 - beta1)
+    exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
+    state["exp_avg"].index_copy_(0, rows, exp_avg)
+    state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** step)).add_(eps)
+    param.index_add_(0, rows, exp_avg / denom, alpha=-lr / (1 - beta1 ** step))
+
+
+def _adagrad_rows(param, state_sum, rows, values, lr, eps):
+    sums = state_sum.index_select(0, rows).addcmul_(values, values)
+    state_sum.index_copy_(0, rows, sums)
+    param.index_add_(0, rows, values / sums.sqrt().add_(eps), alpha=-lr)
+
+
+def stock_optimizer(kind: str, params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """Torch's own Adam (paper: betas 0.9/0.999, eps 1e-8; fused where available), AdaGrad (eps 1e-6) or SGD."""
+    params = list(params)
+    if kind == "adam":
+        try:
+            return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    if kind == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, eps=1e-6)
+    return torch.optim.SGD(params, lr=lr)
+
+
+class OptimizerGroup:
+    """Several optimizers stepped together; sparse gradients of ``densify`` params are made dense first."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer], densify: list[torch.Tensor]) -> None:
+        self.optimizers = optimizers
+        self.densify = densify
+
+    def step(self) -> None:
+        for param in self.densify:
+            if param.grad is not None and param.grad.is_sparse:
+                param.grad = param.grad.to_dense()
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+
+
+def sparse_grad_params(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters of meProp layers that return row-sparse gradients."""
+    return [param for layer in model.modules()
+            if isinstance(layer, MePropLinear) and layer.sparse_grad and layer.meprop_active
+            for param in layer.parameters()]
+
+
+def build_optimizer(config: Config, model: nn.Module) -> OptimizerGroup:
+    """The config's optimizer for ``model``: stock for dense gradients; for row-sparse ones, a
+    row-sparse update (``sparse_update: true``) or densify + stock (``false``)."""
+    sparse = sparse_grad_params(model)
+    sparse_ids = {id(param) for param in sparse}
+    dense = [param for param in model.parameters() if id(param) not in sparse_ids]
+    if not config.sparse_update or not sparse:
+        return OptimizerGroup([stock_optimizer(config.optimizer, dense + sparse, config.lr)], densify=sparse)
+    optimizers = [RowSparseOptimizer(sparse, config.optimizer, config.lr)]
+    if dense:
+        optimizers.insert(0, stock_optimizer(config.optimizer, dense, config.lr))
+    return OptimizerGroup(optimizers, densify=[])
