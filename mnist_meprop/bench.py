@@ -4,8 +4,9 @@ Everything runs in one process with a fixed thread count, after warm-up; each fi
 median over repeated iterations on real MNIST digits (the bundled sample). The dense
 baseline is ``nn.Linear`` layers with torch's own optimizer (fused Adam where torch has
 it); meProp models use row-sparse gradients and row-sparse updates. "Linear backward" is
-timed the same way for both: each linear layer's backward alone, replayed on the inputs and
-output gradients of a real backward pass, summed over the layers.
+timed the same way for both: one backward through the linear layers alone, replayed on the
+inputs and output gradients they had in a real backward pass. On a GPU, CUDA events time
+every phase.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from .config import Config, resolve_device
 from .data import bundled_sample_dir, load_idx_folder
 from .kernels import backend_name
 from .model import build_mlp
@@ -58,10 +59,6 @@ class BenchRecord:
     pct_of_flop_limit: float | None = None
 
 
-def _median_us(samples: list[float]) -> float:
-    return statistics.median(samples) * 1e6
-
-
 def _dense_mlp(d_hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(D_INPUT, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_hidden), nn.ReLU(),
                          nn.Linear(d_hidden, N_CLASSES))
@@ -71,8 +68,30 @@ def _linear_layers(model: nn.Module) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def _time_linear_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int, warmup: int) -> float:
-    """Sum over linear layers of the median time of that layer's backward alone."""
+class _Stamps:
+    """Time points: ``perf_counter`` on the CPU, recorded CUDA events on a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        return end - start
+
+
+def _time_linear_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int, warmup: int,
+                          stamps: _Stamps) -> float:
+    """Median time of one backward through all the linear layers alone, on the inputs and output
+    gradients they had in a real backward pass (the same replay for every model)."""
     layers = _linear_layers(model)
     inputs, grads = {}, {}
 
@@ -84,50 +103,49 @@ def _time_linear_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, re
     F.cross_entropy(model(x), y).backward()
     for hook in hooks:
         hook.remove()
-    model.zero_grad(set_to_none=True)
-    total = 0.0
-    for index, layer in enumerate(layers):
-        layer_input = inputs[layer].clone().requires_grad_(index > 0)
-        output = layer(layer_input)
-        samples = []
-        for step in range(warmup + repeats):
+    replay_inputs = [inputs[layer].clone().requires_grad_(index > 0) for index, layer in enumerate(layers)]
+    outputs = [layer(layer_input) for layer, layer_input in zip(layers, replay_inputs)]
+    output_grads = [grads[layer] for layer in layers]
+    samples = []
+    for step in range(warmup + repeats):
+        model.zero_grad(set_to_none=True)
+        for layer_input in replay_inputs:
             layer_input.grad = None
-            layer.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            torch.autograd.backward(output, grads[layer], retain_graph=True)
-            if step >= warmup:
-                samples.append(time.perf_counter() - start)
-        total += _median_us(samples)
+        start = stamps.now()
+        torch.autograd.backward(outputs, output_grads, retain_graph=True)
+        end = stamps.now()
+        if step >= warmup:
+            samples.append(stamps.seconds(start, end))
     model.zero_grad(set_to_none=True)
-    return total
+    return statistics.median(samples) * 1e6
 
 
 def _time_steps(model: nn.Module, optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]], repeats: int,
-                warmup: int) -> dict[str, float]:
+                warmup: int, stamps: _Stamps) -> dict[str, float]:
     samples: dict[str, list[float]] = {phase: [] for phase in ("forward", "backward", "update", "step")}
     model.train()
     for step in range(warmup + repeats):
         x, y = batches[step % len(batches)]
-        t0 = time.perf_counter()
+        t0 = stamps.now()
         loss = F.cross_entropy(model(x), y)
-        t1 = time.perf_counter()
+        t1 = stamps.now()
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = stamps.now()
         optimizer.step()
         optimizer.zero_grad()
-        t3 = time.perf_counter()
+        t3 = stamps.now()
         if step >= warmup:
-            samples["forward"].append(t1 - t0)
-            samples["backward"].append(t2 - t1)
-            samples["update"].append(t3 - t2)
-            samples["step"].append(t3 - t0)
-    return {phase: _median_us(values) for phase, values in samples.items()}
+            samples["forward"].append(stamps.seconds(t0, t1))
+            samples["backward"].append(stamps.seconds(t1, t2))
+            samples["update"].append(stamps.seconds(t2, t3))
+            samples["step"].append(stamps.seconds(t0, t3))
+    return {phase: statistics.median(values) * 1e6 for phase, values in samples.items()}
 
 
-def _measure(model: nn.Module, optimizer, batches, repeats: int, warmup: int) -> dict[str, float]:
-    timings = _time_steps(model, optimizer, batches, repeats, warmup)
+def _measure(model: nn.Module, optimizer, batches, repeats: int, warmup: int, stamps: _Stamps) -> dict[str, float]:
+    timings = _time_steps(model, optimizer, batches, repeats, warmup, stamps)
     x, y = batches[0]
-    timings["linear_backward"] = _time_linear_backward(model, x, y, repeats, warmup)
+    timings["linear_backward"] = _time_linear_backward(model, x, y, repeats, warmup, stamps)
     return timings
 
 
@@ -145,10 +163,11 @@ def _record(d_hidden: int, batch: int, k: int, mode: str, timings: dict[str, flo
     return record
 
 
-def _batches(images: torch.Tensor, labels: torch.Tensor, batch: int, count: int = 8):
+def _batches(images: torch.Tensor, labels: torch.Tensor, batch: int, device: torch.device, count: int = 8):
     generator = torch.Generator().manual_seed(batch)
     order = torch.randperm(len(images), generator=generator)[: batch * count]
-    return [(images[order[i * batch:(i + 1) * batch]], labels[order[i * batch:(i + 1) * batch]]) for i in range(count)]
+    return [(images[order[i * batch:(i + 1) * batch]].to(device), labels[order[i * batch:(i + 1) * batch]].to(device))
+            for i in range(count)]
 
 
 def bench_cases(quick: bool) -> list[tuple[int, int, tuple[str, ...], tuple[int, ...]]]:
@@ -159,38 +178,46 @@ def bench_cases(quick: bool) -> list[tuple[int, int, tuple[str, ...], tuple[int,
             for d in FULL_GRID["d_hidden"] for b in FULL_GRID["minibatch"]]
 
 
-def run_bench(quick: bool = False, repeats: int | None = None, warmup: int = 20, optimizer: str = "adam",
-              log: Callable[[str], None] = print) -> list[BenchRecord]:
+def run_bench(quick: bool = False, repeats: int | None = None, warmup: int = 100, optimizer: str = "adam",
+              device: str = "cpu", log: Callable[[str], None] = print) -> list[BenchRecord]:
     """Time the dense baseline, our layer at k=0, and meProp in each mode and k; see the module doc."""
-    repeats = repeats or (40 if quick else 60)
+    repeats = repeats or 100
+    target = resolve_device(device)
+    stamps = _Stamps(target)
     train_images, train_labels, _, _ = load_idx_folder(bundled_sample_dir())
     images = train_images.reshape(len(train_images), -1).float().div_(255)
     labels = train_labels.long()
     lr = Config(optimizer=optimizer).replace().lr
     records = []
+    # Warm the process up (allocator, thread pool, kernels) before the first figure.
+    warm = _dense_mlp(500).to(target)
+    _time_steps(warm, stock_optimizer(optimizer, warm.parameters(), lr), _batches(images, labels, 10, target),
+                200, 0, stamps)
     for d_hidden, batch, modes, ks in bench_cases(quick):
-        batches = _batches(images, labels, batch)
+        batches = _batches(images, labels, batch, target)
         torch.manual_seed(0)
-        dense_model = _dense_mlp(d_hidden)
+        dense_model = _dense_mlp(d_hidden).to(target)
         dense = _measure(dense_model, stock_optimizer(optimizer, dense_model.parameters(), lr), batches,
-                         repeats, warmup)
+                         repeats, warmup, stamps)
         records.append(_record(d_hidden, batch, 0, "dense", dense, None))
         runs: list[tuple[str, int]] = [("ours_k0", 0)] + [(mode, k) for mode in modes for k in ks if k < d_hidden]
         for mode, k in runs:
             config = Config(optimizer=optimizer, d_hidden=d_hidden, k=k, unified=(mode == "unified"),
                             sparse_update=True).replace()
             torch.manual_seed(0)
-            model = build_mlp(D_INPUT, N_CLASSES, d_hidden, 3, k, unified=config.unified, sparse_grad=True)
-            timings = _measure(model, build_optimizer(config, model), batches, repeats, warmup)
+            model = build_mlp(D_INPUT, N_CLASSES, d_hidden, 3, k, unified=config.unified, sparse_grad=True).to(target)
+            timings = _measure(model, build_optimizer(config, model), batches, repeats, warmup, stamps)
             records.append(_record(d_hidden, batch, k, mode, timings, dense))
         log(f"  d={d_hidden} minibatch={batch}: {len(runs) + 1} models timed")
     return records
 
 
-def environment_line(optimizer: str) -> str:
+def environment_line(optimizer: str, device: str = "cpu") -> str:
     from .results import cpu_model
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model()}, "
-            f"meProp CPU kernels: {backend_name()}, optimizer {optimizer}")
+    target = resolve_device(device)
+    where = torch.cuda.get_device_name(target) if target.type == "cuda" else f"CPU kernels: {backend_name()}"
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model()}, {target.type} "
+            f"({where}), optimizer {optimizer}")
 
 
 HEADERS = ["d", "minibatch", "mode", "k", "forward µs", "linear bwd µs", "overall bwd µs", "update µs",

@@ -31,8 +31,9 @@ def parse_int_list(option: str, text: str) -> list[int]:
 def _heading(config: Config) -> str:
     env = environment()
     return (f"## {config.name}: {config.dataset}, MLP {config.n_layer} layers, hidden {config.d_hidden}, "
-            f"minibatch {config.d_minibatch}, {config.optimizer} lr {config.lr:g}, dropout {config.dropout:g}, "
-            f"{config.n_epoch} epochs; torch {env['torch']}, {env['threads']} threads, {env['cpu']}")
+            f"minibatch {config.d_minibatch}, {config.optimizer} lr {config.lr:g}"
+            f"{' (row-sparse update)' if config.sparse_update else ''}, dropout {config.dropout:g}, "
+            f"{config.n_epoch} epochs; torch {env['torch']}, {env['threads']} threads, {env['cpu']}, {config.device}")
 
 
 def _run_and_report(configs: Sequence[Config], out: str | None, fresh: bool) -> None:
@@ -123,7 +124,9 @@ def sweep(config_path: str | None, k_list: str, seeds: str | None, overrides: tu
               help="torch threads (default: torch's default on this machine); printed.")
 @click.option("--repeats", type=click.IntRange(min=5), default=None, help="Timed iterations per figure.")
 @click.option("--optimizer", type=click.Choice(["adam", "adagrad", "sgd"]), default="adam", show_default=True)
-def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int | None, optimizer: str) -> None:
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int | None, optimizer: str,
+          device: str) -> None:
     """Time forward, linear backward, backward, update and full step: meProp vs nn.Linear."""
     import json
 
@@ -132,9 +135,12 @@ def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int 
     from .bench import as_dicts, environment_line, markdown_table, run_bench
 
     torch.set_num_threads(threads or torch.get_num_threads())
-    header = environment_line(optimizer)
+    try:
+        header = environment_line(optimizer, device)
+    except MePropError as error:
+        _fail(error)
     click.echo(f"meprop bench{' --quick' if quick else ''}: {header}; medians in microseconds", err=True)
-    records = run_bench(quick=quick, repeats=repeats, optimizer=optimizer,
+    records = run_bench(quick=quick, repeats=repeats, optimizer=optimizer, device=device,
                         log=lambda line: click.echo(line, err=True))
     click.echo(f"# meprop bench{' --quick' if quick else ''}\n\n{header}; medians in µs\n\n{markdown_table(records)}")
     if json_path:

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .errors import ConfigError
@@ -17,6 +18,7 @@ from .errors import ConfigError
 DATASETS = ("sample", "mnist", "fashion-mnist", "idx")
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 SELECTIONS = ("topk", "random")
+DEVICES = ("cpu", "cuda", "auto")
 # The paper's learning rates (Adam's defaults; AdaGrad 0.1 for MNIST); sgd has no paper value.
 DEFAULT_LR = {"adam": 0.001, "adagrad": 0.1, "sgd": 0.1}
 
@@ -44,6 +46,7 @@ class Config:
     sparse_update: bool = False
     seed: int = 1
     threads: int | None = None
+    device: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,6 +90,7 @@ _RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]] = {
     "sparse_update": (bool, False, None),
     "seed": (int, False, _at_least(0)),
     "threads": (int, True, _at_least(1)),
+    "device": (str, False, _one_of(DEVICES)),
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(Config)}
 
@@ -179,3 +183,12 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         key, value = parse_override(item)
         raw[key] = value
     return validate(raw)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` (a GPU when there is one) as a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but torch sees no GPU here (use cpu or auto)")
+    return torch.device(name)

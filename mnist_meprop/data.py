@@ -53,6 +53,12 @@ class Splits:
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train_y), "dev": len(self.dev_y), "test": len(self.test_y)}
 
+    def to(self, device: torch.device) -> Splits:
+        """The same splits with every tensor on ``device``."""
+        moved = {name: getattr(self, name).to(device) for name in
+                 ("train_x", "train_y", "dev_x", "dev_y", "test_x", "test_y")}
+        return Splits(**moved, source=self.source)
+
 
 def read_idx(path: Path) -> torch.Tensor:
     """Read an unsigned-byte IDX file (gzipped when its name ends in ``.gz``) into a uint8 tensor."""
@@ -199,7 +205,7 @@ def load_data(config: Config) -> Splits:
 def iterate_minibatches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
                         generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Minibatches of a seeded random permutation; the last one may be smaller."""
-    order = torch.randperm(len(x), generator=generator)
+    order = torch.randperm(len(x), generator=generator).to(x.device)
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
         yield x.index_select(0, index), y.index_select(0, index)

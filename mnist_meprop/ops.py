@@ -86,6 +86,8 @@ class _MePropLinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
         clock = _active_clock
+        if clock is not None and dy.is_cuda:
+            torch.cuda.synchronize(dy.device)  # time the GPU work, not just its launch
         start = time.perf_counter() if clock is not None else 0.0
         x, weight = ctx.saved_tensors
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
@@ -112,6 +114,8 @@ class _MePropLinearFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.reshape(*dy.shape[:-1], in_features)
         if clock is not None:
+            if dy.is_cuda:
+                torch.cuda.synchronize(dy.device)
             clock.seconds += time.perf_counter() - start
         return dx, dw, (db if ctx.has_bias else None), None, None, None, None
 
@@ -181,7 +185,8 @@ def meprop_linear(
     its own top-``k`` entries of ``|dy|``; with ``unified=True`` all examples keep the same
     ``k`` coordinates, those with the largest sum of ``|dy|`` over the batch.
     ``selection="random"`` picks ``k`` random coordinates instead (the paper's ablation).
-    ``k <= 0`` or ``k >= out`` is ordinary backprop.
+    ``k <= 0`` or ``k >= out`` is ordinary backprop (``F.linear`` itself, except inside
+    :func:`time_linear_backward`, where it runs the same timed path as meProp).
 
     The gradients of ``x``, ``weight`` *and* ``bias`` are the dense gradients of the
     masked ``dy``: the bias, too, uses the masked ``dy``, so only the ``k`` selected rows
@@ -198,4 +203,6 @@ def meprop_linear(
     """
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if _active_clock is None and not is_meprop_active(int(k), weight.shape[0]):
+        return F.linear(x, weight, bias)  # plain backprop: torch's own path, as fast as nn.Linear
     return _MePropLinearFunction.apply(x, weight, bias, int(k), bool(unified), selection, bool(sparse_grad))

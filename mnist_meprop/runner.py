@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import Config, resolve_device
 from .data import Splits, load_data
 from .results import make_record
 from .store import (append_record, checkpoint_path, latest_by_key, read_records, remove_checkpoint,
@@ -59,7 +59,7 @@ def stop_on_signals(log: Log = _stderr) -> Iterator[Callable[[], bool]]:
 
 
 def _data_key(config: Config) -> tuple:
-    return (config.dataset, config.data_dir, config.dev_size, config.train_limit, config.test_limit)
+    return (config.dataset, config.data_dir, config.dev_size, config.train_limit, config.test_limit, config.device)
 
 
 def _describe(config: Config) -> str:
@@ -92,7 +92,7 @@ def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = 
         if fresh:
             remove_checkpoint(checkpoint)
         if _data_key(config) not in loaded:
-            loaded[_data_key(config)] = load_data(config)
+            loaded[_data_key(config)] = load_data(config).to(resolve_device(config.device))
         data = loaded[_data_key(config)]
         sizes = data.sizes()
         log(f"run {number}/{total}: {_describe(config)}, {config.n_epoch} epochs on {sizes['train']} train / "

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from .config import Config, resolve_device
 from .data import Splits, iterate_minibatches
 from .model import build_model
 from .optim import build_optimizer
@@ -74,6 +74,17 @@ class NonFiniteLoss(Exception):
         self.result = result
 
 
+def wall_clock(device: torch.device) -> Callable[[], float]:
+    """``time.perf_counter``, after waiting for queued GPU work when ``device`` is a GPU."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def synchronized() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return synchronized
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The data-order seed of one epoch: the same for every run of a sweep with this seed."""
     return seed * 1_000_003 + epoch
@@ -99,8 +110,12 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    clock = wall_clock(device)
+    if data.train_x.device != device:
+        data = data.to(device)
     torch.manual_seed(config.seed)
-    model = build_model(config, data.n_features, data.n_classes)
+    model = build_model(config, data.n_features, data.n_classes).to(device)
     optimizer = build_optimizer(config, model)
     result = RunResult()
     saved = load_checkpoint(checkpoint) if checkpoint is not None else None
@@ -108,30 +123,32 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
         result = RunResult(**saved["result"])
         log(f"  resuming after epoch {saved['epoch']} from {checkpoint}")
     timings = result.timings
-    elapsed_before, run_start = timings["total"], time.perf_counter()
+    elapsed_before, run_start = timings["total"], clock()
     n_train = len(data.train_y)
     for epoch in range(len(result.epochs) + 1, config.n_epoch + 1):
         epoch_start = time.perf_counter()
         model.train()
         generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         loss_sum, correct = 0.0, 0
-        with time_linear_backward() as clock:
+        with time_linear_backward() as backward_clock:
             batches = iterate_minibatches(data.train_x, data.train_y, config.d_minibatch, generator)
             for step, (x, y) in enumerate(batches, start=1):
                 if should_stop is not None and should_stop():
                     raise RunInterrupted(epoch - 1)
-                t0 = time.perf_counter()
+                t0 = clock()
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
-                t1 = time.perf_counter()
+                t1 = clock()
                 loss.backward()
-                t2 = time.perf_counter()
+                t2 = clock()
                 optimizer.step()
                 optimizer.zero_grad()
-                t3 = time.perf_counter()
+                t3 = clock()
                 timings["forward"] += t1 - t0
                 timings["backward"] += t2 - t1
                 timings["update"] += t3 - t2
@@ -140,25 +157,26 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
                     raise NonFiniteLoss(epoch, step, loss_value, result)
                 loss_sum += loss_value * len(y)
                 correct += int((logits.argmax(dim=1) == y).sum())
-        timings["linear_backward"] += clock.seconds
-        eval_start = time.perf_counter()
+        timings["linear_backward"] += backward_clock.seconds
+        eval_start = clock()
         dev_loss, dev_acc = evaluate(model, data.dev_x, data.dev_y)
         test_acc = None
         if dev_acc > result.best_dev_acc:
             _, test_acc = evaluate(model, data.test_x, data.test_y)
             result.best_dev_acc, result.test_acc, result.best_epoch = dev_acc, test_acc, epoch
-        timings["eval"] += time.perf_counter() - eval_start
+        timings["eval"] += clock() - eval_start
         result.epochs.append({
             "epoch": epoch, "train_loss": loss_sum / n_train, "train_acc": 100.0 * correct / n_train,
             "dev_loss": dev_loss, "dev_acc": dev_acc, "test_acc": test_acc,
             "seconds": time.perf_counter() - epoch_start,
         })
         timings["train"] = timings["forward"] + timings["backward"] + timings["update"]
-        timings["total"] = elapsed_before + time.perf_counter() - run_start
+        timings["total"] = elapsed_before + clock() - run_start
         if checkpoint is not None:
             save_checkpoint(checkpoint, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(), "result": dataclasses.asdict(result),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
             })
         log(f"  epoch {epoch}/{config.n_epoch}  loss {loss_sum / n_train:.4f}  dev {dev_acc:.2f}%  "
             f"best {result.best_dev_acc:.2f}% @{result.best_epoch}  test@best {result.test_acc:.2f}%  "

@@ -63,51 +63,75 @@ std::vector<torch::Tensor> per_example_backward(torch::Tensor dy, c10::optional<
   }
   TORCH_CHECK(idx.is_contiguous() && idx.size(0) == n && idx.size(1) == k, "idx must be [n, k]");
   const int64_t* sel = idx.data_ptr<int64_t>();
+  const int64_t pairs = n * k;
 
-  // Unique selected rows in increasing order, and each one's slot.
-  std::vector<int64_t> slot(out, -1);
-  for (int64_t i = 0; i < n * k; ++i) slot[sel[i]] = 0;
-  std::vector<int64_t> row_list;
-  for (int64_t r = 0; r < out; ++r)
-    if (slot[r] == 0) { slot[r] = static_cast<int64_t>(row_list.size()); row_list.push_back(r); }
+  // Group the selected (example, row) pairs by row: unique rows in increasing order, and for
+  // each the examples that chose it (a counting sort), so each gradient row is written once.
+  std::vector<int64_t> count(out, 0);
+  for (int64_t i = 0; i < pairs; ++i) ++count[sel[i]];
+  std::vector<int64_t> row_list, start_of(out, 0);
+  std::vector<int64_t> offsets{0};
+  for (int64_t r = 0; r < out; ++r) {
+    if (count[r] == 0) continue;
+    start_of[r] = offsets.back();
+    row_list.push_back(r);
+    offsets.push_back(offsets.back() + count[r]);
+  }
+  std::vector<int64_t> member(pairs);  // pair index i = example * k + j, grouped by row
+  for (int64_t i = 0; i < pairs; ++i) member[start_of[sel[i]]++] = i;
   const int64_t n_rows = static_cast<int64_t>(row_list.size());
   auto rows = torch::from_blob(row_list.data(), {n_rows}, torch::kLong).clone();
 
-  torch::Tensor dx, w_values, b_values;
-  b_values = torch::zeros({n_rows}, dy.options());
+  torch::Tensor dx, w_values;
+  torch::Tensor b_values = torch::empty({n_rows}, dy.options());
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "meprop_per_example_backward", [&] {
     const scalar_t* g = dy.data_ptr<scalar_t>();
+    auto coef = [&](int64_t i) { return g[(i / k) * out + sel[i]]; };
     scalar_t* bv = b_values.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n * k; ++i) bv[slot[sel[i]]] += g[(i / k) * out + sel[i]];
+    for (int64_t s = 0; s < n_rows; ++s) {
+      scalar_t sum = 0;
+      for (int64_t q = offsets[s]; q < offsets[s + 1]; ++q) sum += coef(member[q]);
+      bv[s] = sum;
+    }
     if (need_dw) {
       const int64_t in = x.size(1);
       const scalar_t* xp = x.data_ptr<scalar_t>();
-      w_values = torch::zeros({n_rows, in}, dy.options());
+      w_values = torch::empty({n_rows, in}, dy.options());
       scalar_t* wv = w_values.data_ptr<scalar_t>();
-      // Split the input features between threads: no two threads touch the same element.
-      at::parallel_for(0, in, grain(in, n * k), [&](int64_t c0, int64_t c1) {
-        for (int64_t i = 0; i < n * k; ++i) {
-          const int64_t ex = i / k;
-          const scalar_t coef = g[ex * out + sel[i]];
-          scalar_t* __restrict__ dst = wv + slot[sel[i]] * in;
-          const scalar_t* __restrict__ src = xp + ex * in;
-          for (int64_t c = c0; c < c1; ++c) dst[c] += coef * src[c];
+      at::parallel_for(0, n_rows, grain(n_rows, in * pairs / std::max<int64_t>(n_rows, 1)),
+                       [&](int64_t s0, int64_t s1) {
+        for (int64_t s = s0; s < s1; ++s) {
+          scalar_t* __restrict__ dst = wv + s * in;
+          const int64_t first = member[offsets[s]];
+          const scalar_t c0 = coef(first);
+          const scalar_t* __restrict__ src0 = xp + (first / k) * in;
+          for (int64_t c = 0; c < in; ++c) dst[c] = c0 * src0[c];
+          for (int64_t q = offsets[s] + 1; q < offsets[s + 1]; ++q) {
+            const int64_t i = member[q];
+            const scalar_t cq = coef(i);
+            const scalar_t* __restrict__ src = xp + (i / k) * in;
+            for (int64_t c = 0; c < in; ++c) dst[c] += cq * src[c];
+          }
         }
       });
     }
     if (need_dx) {
       const int64_t in = weight.size(1);
       const scalar_t* w = weight.data_ptr<scalar_t>();
-      dx = torch::zeros({n, in}, dy.options());
+      dx = torch::empty({n, in}, dy.options());
       scalar_t* dxp = dx.data_ptr<scalar_t>();
       at::parallel_for(0, n, grain(n, k * in), [&](int64_t e0, int64_t e1) {
         for (int64_t ex = e0; ex < e1; ++ex) {
           scalar_t* __restrict__ dst = dxp + ex * in;
           for (int64_t j = 0; j < k; ++j) {
             const int64_t r = sel[ex * k + j];
-            const scalar_t coef = g[ex * out + r];
+            const scalar_t cj = g[ex * out + r];
             const scalar_t* __restrict__ src = w + r * in;
-            for (int64_t c = 0; c < in; ++c) dst[c] += coef * src[c];
+            if (j == 0) {
+              for (int64_t c = 0; c < in; ++c) dst[c] = cj * src[c];
+            } else {
+              for (int64_t c = 0; c < in; ++c) dst[c] += cj * src[c];
+            }
           }
         }
       });
