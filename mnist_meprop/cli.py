@@ -146,3 +146,34 @@ def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int 
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps({"environment": header, "records": as_dicts(records)}, indent=1))
+
+
+@main.command("reproduce")
+@click.option("--table", "table", type=click.Choice(["1", "2", "3", "4", "5", "6", "fig4", "all"]), default="all",
+              show_default=True, help="Which table (or Figure 4) to reproduce.")
+@click.option("--dataset", type=click.Choice(["sample", "mnist", "fashion-mnist", "idx"]), default="sample",
+              show_default=True)
+@click.option("--data-dir", metavar="DIR", help="Download folder, or the IDX folder for --dataset idx.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="Seeds 1..N per row.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs per run (default: the paper's 20).")
+@click.option("--quick", is_flag=True, help="A few hundred examples, one epoch: checks the pipeline in minutes.")
+@click.option("--threads", type=click.IntRange(min=1), help="torch threads (recorded in the report).")
+@click.option("--out", metavar="DIR", help="Output folder (default: results/reproduce-<dataset>[-quick]/).")
+def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int, epochs: int | None, quick: bool,
+                      threads: int | None, out: str | None) -> None:
+    """Re-run the paper's MNIST tables and Figure 4; print and write paper vs ours (REPORT.md, CSV, PNG)."""
+    from .reproduce import TABLES, reproduce
+
+    out_dir = Path(out) if out else Path("results") / f"reproduce-{dataset}{'-quick' if quick else ''}"
+    command = "meprop " + " ".join(sys.argv[1:]) if sys.argv[1:] else "meprop reproduce"
+    try:
+        with stop_on_signals() as should_stop:
+            report = reproduce(TABLES if table == "all" else [table], dataset, data_dir, seeds, epochs, quick,
+                               out_dir, command, threads, should_stop=should_stop)
+    except MePropError as error:
+        _fail(error)
+    except (RunInterrupted, KeyboardInterrupt):
+        click.echo(f"interrupted: finished runs are in {out_dir / 'runs'}; run the same command again to resume",
+                   err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(f"\nwrote {report} (tables as CSV and Figure 4 plots beside it)")

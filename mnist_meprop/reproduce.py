@@ -1,0 +1,299 @@
+"""``meprop reproduce``: the paper's MNIST tables and Figure 4, paper numbers next to ours.
+
+Each table is a YAML file in ``mnist_meprop/paper/`` (``configs/paper/`` in the repository):
+a base config, and rows that override it and carry the paper's numbers. All runs go through
+the sweep runner into one folder (``<out>/runs``), so rows shared between tables are trained
+once, finished runs are never recomputed and an interrupted reproduction resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .bench import D_INPUT, N_CLASSES, flop_limit
+from .config import Config, validate
+from .errors import ConfigError
+from .results import environment
+from .runner import run_experiments
+from .store import run_key
+
+TABLES = ("1", "2", "3", "4", "5", "6", "fig4")
+# --quick: a few hundred examples, one epoch; enough to exercise every table and plot.
+QUICK = {"dev_size": 200, "train_limit": 400, "test_limit": 300, "n_epoch": 1}
+TIME_METRICS = {
+    "linear_backward_s": ("linear backprop (s)", lambda t: t["linear_backward"]),
+    "forward_s": ("forward (s)", lambda t: t["forward"]),
+    "backward_s": ("backward (s)", lambda t: t["backward"]),
+    "total_s": ("forward+backward (s)", lambda t: t["forward"] + t["backward"]),
+}
+
+
+@dataclass
+class Row:
+    label: str
+    overrides: dict[str, Any]
+    paper: dict[str, float]
+    baseline: str | None = None
+    configs: list[Config] = field(default_factory=list)
+
+
+@dataclass
+class TableSpec:
+    name: str
+    title: str
+    base: dict[str, Any]
+    rows: list[Row]
+    k_values: list[int] = field(default_factory=list)
+    paper: dict[str, float] = field(default_factory=dict)
+
+
+def spec_path(name: str) -> Path:
+    filename = "fig4.yaml" if name == "fig4" else f"table{name}.yaml"
+    return Path(str(resources.files("mnist_meprop") / "paper" / filename))
+
+
+def load_spec(name: str) -> TableSpec:
+    data = yaml.safe_load(spec_path(name).read_text(encoding="utf-8"))
+    rows = [Row(r["label"], r.get("set", {}), r.get("paper", {}), r.get("baseline")) for r in data.get("rows", [])]
+    return TableSpec(name, data["title"], data["base"], rows, data.get("k_values", []), data.get("paper", {}))
+
+
+def fig4_rows(spec: TableSpec) -> list[Row]:
+    """Figure 4's series as rows: dense d=500, then per k: top-k, random-k, dense of hidden size k."""
+    rows = [Row("backprop, hidden 500", {"k": 0}, {})]
+    for k in spec.k_values:
+        rows += [Row(f"meProp top-k, k={k}", {"k": k, "selection": "topk"}, {}, rows[0].label),
+                 Row(f"meProp random-k, k={k}", {"k": k, "selection": "random"}, {}, rows[0].label),
+                 Row(f"backprop, hidden {k}", {"k": 0, "d_hidden": k}, {})]
+    return rows
+
+
+def data_settings(dataset: str, data_dir: str | None) -> dict[str, Any]:
+    """Dataset keys: the paper's dev set of 5,000, or 1,000 for the 8,000-image bundled sample."""
+    settings: dict[str, Any] = {"dataset": dataset, "dev_size": 1000 if dataset == "sample" else 5000}
+    if data_dir is not None:
+        settings["data_dir"] = data_dir
+    elif dataset == "idx":
+        raise ConfigError("--data-dir: required with --dataset idx")
+    return settings
+
+
+def build_configs(spec: TableSpec, data: dict[str, Any], seeds: Sequence[int], epochs: int | None,
+                  quick: bool, threads: int | None) -> list[Row]:
+    rows = fig4_rows(spec) if spec.name == "fig4" else spec.rows
+    for row in rows:
+        raw = {**spec.base, **row.overrides, **data, "name": f"paper-{spec.name}"}
+        if epochs is not None:
+            raw["n_epoch"] = epochs
+        if quick:
+            raw.update(QUICK)
+        if threads is not None:
+            raw["threads"] = threads
+        row.configs = [validate({**raw, "seed": seed}) for seed in seeds]
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(mean: float, std: float, n: int, digits: int = 2) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def row_values(row: Row, by_key: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
+    """Per-seed values of every metric for one row (failed runs left out)."""
+    records = [by_key[run_key(c)] for c in row.configs if by_key.get(run_key(c), {}).get("status", "ok") == "ok"]
+    values = {"test": [r["test_acc"] for r in records]}
+    for metric, (_, pick) in TIME_METRICS.items():
+        values[metric] = [pick(r["timings"]) for r in records]
+    return values
+
+
+def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells: per row the paper's number, ours (mean ± std over seeds) and the difference
+    for accuracy; for times the speedup over the row's baseline, paper vs ours."""
+    values = {row.label: row_values(row, by_key) for row in rows}
+    metrics = list(dict.fromkeys(m for row in rows for m in row.paper))
+    if spec.name == "fig4":
+        metrics = ["test", "linear_backward_s"]
+    headers = ["row", "seeds"]
+    for metric in metrics:
+        if metric == "test":
+            headers += ["paper test %", "ours test %", "ours − paper"]
+        else:
+            name = TIME_METRICS[metric][0]
+            headers += [f"ours {name}", f"paper speedup ({name.split(' (')[0]})", "ours speedup"]
+    cells = []
+    for row in rows:
+        mine = values[row.label]
+        n = len(mine["test"])
+        line = [row.label, str(n)]
+        for metric in metrics:
+            if metric == "test":
+                paper = row.paper.get("test")
+                if n == 0:
+                    line += [_opt(paper), "failed", ""]
+                    continue
+                mean, std = _mean_std(mine["test"])
+                line += [_opt(paper), _fmt(mean, std, n), "" if paper is None else f"{mean - paper:+.2f}"]
+                continue
+            if n == 0:
+                line += ["failed", "", ""]
+                continue
+            mean, std = _mean_std(mine[metric])
+            paper_ratio = ours_ratio = ""
+            if row.baseline is not None:
+                base_paper = next(r.paper.get(metric) for r in rows if r.label == row.baseline)
+                if base_paper and row.paper.get(metric):
+                    paper_ratio = f"{base_paper / row.paper[metric]:.1f}x"
+                base_values = values[row.baseline][metric]
+                if base_values and mean > 0:
+                    ours_ratio = f"{statistics.fmean(base_values) / mean:.1f}x"
+            line += [_fmt(mean, std, n), paper_ratio, ours_ratio]
+        cells.append(line)
+    return headers, cells
+
+
+def _opt(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def markdown(headers: list[str], cells: list[list[str]]) -> str:
+    from tabulate import tabulate
+    return tabulate(cells, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def fig4_plots(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
+    """accuracy-vs-k.png (top-k, random-k, dense of hidden k) and speedup-vs-k.png (with the FLOP limit)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d_hidden = spec.base["d_hidden"]
+    values = {row.label: row_values(row, by_key) for row in rows}
+
+    def series(prefix: str, metric: str = "test") -> tuple[list[float], list[float]]:
+        xs, ys = [], []
+        for k in spec.k_values:
+            found = values.get(f"{prefix}{k}", {}).get(metric, [])
+            if found:
+                xs.append(100.0 * k / d_hidden)
+                ys.append(statistics.fmean(found))
+        return xs, ys
+
+    paths = []
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for prefix, label, style in (("meProp top-k, k=", "meProp top-k", "o-"),
+                                 ("meProp random-k, k=", "meProp random-k", "s--"),
+                                 ("backprop, hidden ", "backprop, hidden size k", "^:")):
+        xs, ys = series(prefix)
+        axis.plot(xs, ys, style, label=label)
+    dense = values["backprop, hidden 500"]["test"]
+    if dense:
+        axis.axhline(statistics.fmean(dense), color="grey", linewidth=0.8, label=f"backprop, hidden {d_hidden}")
+    axis.set_xscale("log")
+    axis.set_xlabel(f"k / d (%), d = {d_hidden}")
+    axis.set_ylabel("test accuracy (%)")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    paths.append(out_dir / "fig4-accuracy-vs-k.png")
+    figure.savefig(paths[-1], dpi=120)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    dense_time = values["backprop, hidden 500"]["linear_backward_s"]
+    xs, ys = [], []
+    for k in spec.k_values:
+        found = values.get(f"meProp top-k, k={k}", {}).get("linear_backward_s", [])
+        if found and dense_time:
+            xs.append(k)
+            ys.append(statistics.fmean(dense_time) / statistics.fmean(found))
+    axis.plot(xs, ys, "o-", label="measured (linear backprop time)")
+    axis.plot(spec.k_values, [flop_limit(D_INPUT, d_hidden, N_CLASSES, k) for k in spec.k_values], "k--",
+              label="FLOP limit")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("k")
+    axis.set_ylabel("backward speedup over backprop (x)")
+    axis.legend()
+    axis.grid(alpha=0.3, which="both")
+    figure.tight_layout()
+    paths.append(out_dir / "fig4-speedup-vs-k.png")
+    figure.savefig(paths[-1], dpi=120)
+    plt.close(figure)
+    return paths
+
+
+def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: int, epochs: int | None,
+              quick: bool, out_dir: Path, command: str, threads: int | None = None,
+              log: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Path:
+    """Run every requested table (resuming), write CSVs, plots and ``REPORT.md``; returns the report path."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    data = data_settings(dataset, data_dir)
+    specs = [load_spec(name) for name in tables]
+    built = [(spec, build_configs(spec, data, list(range(1, seeds + 1)), epochs, quick, threads)) for spec in specs]
+    configs = list(dict.fromkeys(c for _, rows in built for row in rows for c in row.configs))
+    log(f"reproduce: {len(configs)} distinct runs for {', '.join(s.name for s in specs)} into {out_dir / 'runs'}")
+    started = time.monotonic()
+    records = run_experiments(configs, out_dir / "runs", log=_with_eta(log, len(configs), started),
+                              should_stop=should_stop)
+    by_key = {record["key"]: record for record in records}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    sections = [
+        "# meProp reproduction report",
+        "",
+        f"- command: `{command}`",
+        f"- dataset: {dataset}{' (' + data_dir + ')' if data_dir else ''}; seeds 1-{seeds}; "
+        f"epochs: {'1 (quick)' if quick else (epochs or 'as the paper, 20')}"
+        + (f"; quick subset: {QUICK['train_limit']} train / {QUICK['dev_size']} dev / {QUICK['test_limit']} test"
+           if quick else ""),
+        f"- torch {env['torch']}, {env['threads']} threads, {env['cpu']} ({env['cpu_count']} CPUs), "
+        f"Python {env['python']}",
+        "- accuracies: test accuracy (%) at the best dev epoch, mean ± std over seeds; times: speedup of the",
+        "  row over its backprop baseline (absolute seconds depend on the machine, so the paper's are not compared)",
+        "",
+    ]
+    for spec, rows in built:
+        headers, cells = table_lines(spec, rows, by_key)
+        name = "fig4" if spec.name == "fig4" else f"table{spec.name}"
+        with open(out_dir / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(headers)
+            writer.writerows(cells)
+        sections += [f"## {spec.title}", ""]
+        if spec.name == "fig4":
+            plots = fig4_plots(spec, rows, by_key, out_dir)
+            best = max((statistics.fmean(v["test"]) for row in rows if row.label.startswith("meProp top-k")
+                        for v in [row_values(row, by_key)] if v["test"]), default=None)
+            sections += [f"Best meProp top-k test accuracy in the sweep: "
+                         f"{'n/a' if best is None else f'{best:.2f}'} (paper: {spec.paper['best_meprop_test']:.2f}).", ""]
+            sections += [f"![{path.stem}]({path.name})" for path in plots] + [""]
+        sections += [markdown(headers, cells), ""]
+        log(f"\n{spec.title}\n{markdown(headers, cells)}")
+    report = out_dir / "REPORT.md"
+    report.write_text("\n".join(sections) + "\n", encoding="utf-8")
+    return report
+
+
+def _with_eta(log: Callable[[str], None], total: int, started: float) -> Callable[[str], None]:
+    """Adds elapsed time and an estimate of the time left to each "run i/n done" line."""
+    def wrapped(line: str) -> None:
+        if line.startswith("run ") and " done:" in line:
+            done = int(line.split()[1].split("/")[0])
+            elapsed = time.monotonic() - started
+            line += f" [{elapsed / 60:.1f} min elapsed, about {elapsed / done * (total - done) / 60:.1f} min left]"
+        log(line)
+    return wrapped

@@ -1,0 +1,48 @@
+"""``meprop reproduce --quick`` produces every table and plot, with the paper's numbers beside ours."""
+
+import csv
+
+from click.testing import CliRunner
+
+from mnist_meprop.cli import main
+from mnist_meprop.reproduce import TABLES, build_configs, data_settings, load_spec
+
+
+def test_table_specs_have_the_paper_settings():
+    table1 = load_spec("1")
+    rows = {row.label: row for row in table1.rows}
+    assert rows["Adam, meProp k=20"].paper == {"test": 98.01, "linear_backward_s": 7.9}
+    assert rows["AdaGrad, meProp k=10"].overrides["k"] == 10
+    built = build_configs(table1, data_settings("sample", None), [1, 2], None, False, None)
+    adam = next(row for row in built if row.label == "Adam, meProp k=20").configs
+    assert [c.seed for c in adam] == [1, 2]
+    assert (adam[0].d_minibatch, adam[0].unified, adam[0].n_epoch, adam[0].dev_size) == (10, False, 20, 1000)
+    table6 = {row.label: row for row in load_spec("6").rows}
+    assert table6["meProp k=50, 5 hidden"].overrides == {"n_layer": 6, "k": 50}
+    assert len(load_spec("fig4").k_values) >= 8
+
+
+def test_quick_reproduction_writes_every_table_and_plot(tmp_path):
+    result = CliRunner().invoke(main, ["reproduce", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "REPORT.md").read_text()
+    for name in TABLES:
+        csv_name = "fig4.csv" if name == "fig4" else f"table{name}.csv"
+        rows = list(csv.reader((tmp_path / csv_name).open()))
+        assert len(rows) >= 3, csv_name
+    for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Figure 4"):
+        assert f"## {title}" in report
+    for plot in ("fig4-accuracy-vs-k.png", "fig4-speedup-vs-k.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({plot})" in report
+    assert "| Adam, meProp k=20 " in report and "98.01" in report and "21.5x" in report
+    assert "command: `" in report and "threads" in report
+    again = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "1", "--out", str(tmp_path)])
+    assert again.exit_code == 0
+    assert "skipped" in again.stderr and "done:" not in again.stderr
+
+
+def test_idx_needs_a_data_dir():
+    result = CliRunner().invoke(main, ["reproduce", "--quick", "--dataset", "idx"])
+    assert result.exit_code == 2
+    assert "--data-dir" in result.stderr
