@@ -149,8 +149,8 @@ def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int 
 
 
 @main.command("reproduce")
-@click.option("--table", "table", type=click.Choice(["1", "2", "3", "4", "5", "6", "fig4", "all"]), default="all",
-              show_default=True, help="Which table (or Figure 4) to reproduce.")
+@click.option("--table", "table", default="all", show_default=True, metavar="1|2|3|4|5|6|fig4|all[,...]",
+              help="Which tables (and/or Figure 4) to reproduce; comma-separated for several.")
 @click.option("--dataset", type=click.Choice(["sample", "mnist", "fashion-mnist", "idx"]), default="sample",
               show_default=True)
 @click.option("--data-dir", metavar="DIR", help="Download folder, or the IDX folder for --dataset idx.")
@@ -164,11 +164,17 @@ def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int
     """Re-run the paper's MNIST tables and Figure 4; print and write paper vs ours (REPORT.md, CSV, PNG)."""
     from .reproduce import TABLES, reproduce
 
+    chosen = [part.strip() for part in table.split(",") if part.strip()]
+    if "all" in chosen:
+        chosen = list(TABLES)
+    unknown = [part for part in chosen if part not in TABLES]
+    if unknown or not chosen:
+        _fail(f"--table: expected 1, 2, 3, 4, 5, 6, fig4 or all (comma-separated), got {table!r}")
     out_dir = Path(out) if out else Path("results") / f"reproduce-{dataset}{'-quick' if quick else ''}"
     command = "meprop " + " ".join(sys.argv[1:]) if sys.argv[1:] else "meprop reproduce"
     try:
         with stop_on_signals() as should_stop:
-            report = reproduce(TABLES if table == "all" else [table], dataset, data_dir, seeds, epochs, quick,
+            report = reproduce(chosen, dataset, data_dir, seeds, epochs, quick,
                                out_dir, command, threads, should_stop=should_stop)
     except MePropError as error:
         _fail(error)

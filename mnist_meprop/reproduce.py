@@ -23,7 +23,7 @@ import yaml
 from .bench import D_INPUT, N_CLASSES, flop_limit
 from .config import Config, validate
 from .errors import ConfigError
-from .results import environment
+from .results import environment, format_mean_std, mean_std
 from .runner import run_experiments
 from .store import run_key
 
@@ -92,7 +92,7 @@ def build_configs(spec: TableSpec, data: dict[str, Any], seeds: Sequence[int], e
                   quick: bool, threads: int | None) -> list[Row]:
     rows = fig4_rows(spec) if spec.name == "fig4" else spec.rows
     for row in rows:
-        raw = {**spec.base, **row.overrides, **data, "name": f"paper-{spec.name}"}
+        raw = {**spec.base, **row.overrides, **data, "name": "paper"}
         if epochs is not None:
             raw["n_epoch"] = epochs
         if quick:
@@ -101,14 +101,6 @@ def build_configs(spec: TableSpec, data: dict[str, Any], seeds: Sequence[int], e
             raw["threads"] = threads
         row.configs = [validate({**raw, "seed": seed}) for seed in seeds]
     return rows
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _fmt(mean: float, std: float, n: int, digits: int = 2) -> str:
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
 def row_values(row: Row, by_key: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
@@ -145,13 +137,13 @@ def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, An
                 if n == 0:
                     line += [_opt(paper), "failed", ""]
                     continue
-                mean, std = _mean_std(mine["test"])
-                line += [_opt(paper), _fmt(mean, std, n), "" if paper is None else f"{mean - paper:+.2f}"]
+                mean, std = mean_std(mine["test"])
+                line += [_opt(paper), format_mean_std(mean, std, n), "" if paper is None else f"{mean - paper:+.2f}"]
                 continue
             if n == 0:
                 line += ["failed", "", ""]
                 continue
-            mean, std = _mean_std(mine[metric])
+            mean, std = mean_std(mine[metric])
             paper_ratio = ours_ratio = ""
             if row.baseline is not None:
                 base_paper = next(r.paper.get(metric) for r in rows if r.label == row.baseline)
@@ -160,7 +152,7 @@ def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, An
                 base_values = values[row.baseline][metric]
                 if base_values and mean > 0:
                     ours_ratio = f"{statistics.fmean(base_values) / mean:.1f}x"
-            line += [_fmt(mean, std, n), paper_ratio, ours_ratio]
+            line += [format_mean_std(mean, std, n), paper_ratio, ours_ratio]
         cells.append(line)
     return headers, cells
 

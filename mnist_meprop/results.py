@@ -73,7 +73,8 @@ def failures(records: Iterable[dict[str, Any]]) -> list[str]:
             for r in records if r.get("status") == "failed"]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -98,7 +99,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             ("test_acc", [run["test_acc"] for run in runs]),
             ("best_epoch", [run["best_epoch"] for run in runs]),
         ):
-            row[column], row[f"{column}_std"] = _mean_std(values)
+            row[column], row[f"{column}_std"] = mean_std(values)
         rows.append(row)
     baseline = next((row for row in rows if row["k"] == 0), None)
     for row in rows:
@@ -111,7 +112,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _value(mean: float, std: float, runs: int, digits: int) -> str:
+def format_mean_std(mean: float, std: float, runs: int, digits: int = 2) -> str:
+    """``mean ± std`` over several runs, the bare mean for one."""
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if runs > 1 else f"{mean:.{digits}f}"
 
 
@@ -124,18 +126,18 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
     lines = []
     for row in rows:
         n = row["runs"]
-        linear = _value(row["linear_backward_s"], row["linear_backward_s_std"], n, 2)
-        backward = _value(row["backward_s"], row["backward_s_std"], n, 2)
-        test = _value(row["test_acc"], row["test_acc_std"], n, 2)
+        linear = format_mean_std(row["linear_backward_s"], row["linear_backward_s_std"], n, 2)
+        backward = format_mean_std(row["backward_s"], row["backward_s_std"], n, 2)
+        test = format_mean_std(row["test_acc"], row["test_acc_std"], n, 2)
         if row["k"] != 0 and row["linear_backward_speedup"] is not None:
             linear += f" ({row['linear_backward_speedup']:.1f}x)"
             backward += f" ({row['backward_speedup']:.1f}x)"
             test += f" ({row['test_delta']:+.2f})"
         lines.append([
             row["method"], str(row["k"]), linear, backward,
-            _value(row["train_s"], row["train_s_std"], n, 2),
-            _value(row["best_dev_acc"], row["best_dev_acc_std"], n, 2), test,
-            _value(row["best_epoch"], row["best_epoch_std"], n, 1 if n > 1 else 0),
+            format_mean_std(row["train_s"], row["train_s_std"], n, 2),
+            format_mean_std(row["best_dev_acc"], row["best_dev_acc_std"], n, 2), test,
+            format_mean_std(row["best_epoch"], row["best_epoch_std"], n, 1 if n > 1 else 0),
             ",".join(str(seed) for seed in row["seeds"]),
         ])
     return lines

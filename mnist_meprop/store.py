@@ -25,9 +25,19 @@ RUNS_FILE = "runs.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
 
+_DEFAULTS = Config().to_dict()
+
+
 def run_key(config: Config) -> str:
-    """A stable hash of the resolved config (seed included): the identity of a run."""
-    canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    """A stable hash of the resolved settings (seed included): the identity of a run.
+
+    ``name`` only labels the output, so it is left out: the same settings under two names
+    are one run. Settings at their default value are left out too, so adding a new option
+    (with a default that keeps the old behaviour) does not change existing keys.
+    """
+    settings = {key: value for key, value in config.to_dict().items()
+                if key != "name" and value != _DEFAULTS[key]}
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 

@@ -42,6 +42,14 @@ def test_quick_reproduction_writes_every_table_and_plot(tmp_path):
     assert "skipped" in again.stderr and "done:" not in again.stderr
 
 
+def test_tables_share_identical_runs(tmp_path):
+    result = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "1,2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "4 distinct runs" in result.stderr
+    bad = CliRunner().invoke(main, ["reproduce", "--table", "7"])
+    assert bad.exit_code == 2 and "--table" in bad.stderr
+
+
 def test_idx_needs_a_data_dir():
     result = CliRunner().invoke(main, ["reproduce", "--quick", "--dataset", "idx"])
     assert result.exit_code == 2

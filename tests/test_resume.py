@@ -69,11 +69,14 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tiny_data, tmp_path, mode):
     assert resumed.timings["total"] > 0
 
 
-def test_run_key_depends_on_every_setting():
+def test_run_key_depends_on_every_setting_but_the_name():
     base = Config(**TINY)
     assert run_key(base) == run_key(Config(**TINY))
-    assert len({run_key(base), run_key(base.replace(k=5)), run_key(base.replace(seed=2)),
-                run_key(base.replace(n_epoch=4))}) == 4
+    assert run_key(base) == run_key(base.replace(name="another-label"))
+    variants = [base.replace(**{key: value}) for key, value in
+                [("k", 5), ("seed", 2), ("n_epoch", 4), ("unified", True), ("sparse_update", True),
+                 ("dropout", 0.1), ("dataset", "fashion-mnist"), ("device", "auto")]]
+    assert len({run_key(base), *map(run_key, variants)}) == len(variants) + 1
 
 
 def test_torn_last_line_is_skipped_and_the_next_record_is_kept(tmp_path):
