@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import Config, resolve_device
 from .data import Splits, iterate_minibatches
+from .kernels import cpu_kernels
 from .model import build_model
 from .optim import build_optimizer
 from .ops import is_meprop_active, time_linear_backward
@@ -111,6 +112,8 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    if device.type == "cpu" and is_meprop_active(config.k, config.d_hidden) and not config.unified:
+        cpu_kernels()  # build/load the kernels now, so a first-use compile is not timed as backward
     clock = wall_clock(device)
     if data.train_x.device != device:
         data = data.to(device)
