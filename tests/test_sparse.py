@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_layers import dense_grads, make_inputs, reference_mask
 
-from mnist_meprop import MePropLinear, meprop_linear
+from mnist_meprop import meprop_linear
 from mnist_meprop.bench import as_dicts, flop_limit, markdown_table, run_bench
 from mnist_meprop.config import Config
 from mnist_meprop.kernels import cpu_kernels
