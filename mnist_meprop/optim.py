@@ -57,7 +57,6 @@ class RowSparseOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        kernels = None
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:
@@ -67,9 +66,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 if self.kind == "sgd":
                     param.index_add_(0, rows, values, alpha=-group["lr"])
                     continue
-                if kernels is None and param.device.type == "cpu":
-                    kernels = cpu_kernels() or False
-                use_kernels = bool(kernels) and param.device.type == "cpu" and param.is_contiguous()
+                kernels = cpu_kernels() if param.device.type == "cpu" and param.is_contiguous() else None
                 state = self.state[param]
                 if self.kind == "adam":
                     if not state:
@@ -78,7 +75,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
                     state["step"] += 1
                     beta1, beta2 = group["betas"]
-                    if use_kernels:
+                    if kernels is not None:
                         kernels.adam_rows(param, state["exp_avg"], state["exp_avg_sq"], rows, values,
                                           group["lr"], beta1, beta2, group["eps"], state["step"])
                     else:
@@ -86,7 +83,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 else:
                     if not state:
                         state["sum"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-                    if use_kernels:
+                    if kernels is not None:
                         kernels.adagrad_rows(param, state["sum"], rows, values, group["lr"], group["eps"])
                     else:
                         _adagrad_rows(param, state["sum"], rows, values, group["lr"], group["eps"])

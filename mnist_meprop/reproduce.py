@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import yaml
 from .bench import D_INPUT, N_CLASSES, flop_limit
 from .config import Config, validate
 from .errors import ConfigError
+from .log import to_stderr
 from .results import environment, format_mean_std, mean_std
 from .runner import run_experiments
 from .store import run_key
@@ -232,7 +232,7 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
               quick: bool, out_dir: Path, command: str, threads: int | None = None,
               log: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Path:
     """Run every requested table (resuming), write CSVs, plots and ``REPORT.md``; returns the report path."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    log = log or to_stderr
     data = data_settings(dataset, data_dir)
     specs = [load_spec(name) for name in tables]
     built = [(spec, build_configs(spec, data, list(range(1, seeds + 1)), epochs, quick, threads)) for spec in specs]

@@ -8,7 +8,6 @@ last finished epoch.
 from __future__ import annotations
 
 import signal
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,16 +15,13 @@ from typing import Any
 
 from .config import Config, resolve_device
 from .data import Splits, load_data
+from .log import to_stderr
 from .results import make_record
 from .store import (append_record, checkpoint_path, latest_by_key, read_records, remove_checkpoint,
                     run_key)
 from .train import NonFiniteLoss, method_name, train_run
 
 Log = Callable[[str], None]
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def sweep_configs(base: Config, ks: Iterable[int], seeds: Iterable[int]) -> list[Config]:
@@ -35,7 +31,7 @@ def sweep_configs(base: Config, ks: Iterable[int], seeds: Iterable[int]) -> list
 
 
 @contextmanager
-def stop_on_signals(log: Log = _stderr) -> Iterator[Callable[[], bool]]:
+def stop_on_signals(log: Log = to_stderr) -> Iterator[Callable[[], bool]]:
     """Within the block, SIGINT and SIGTERM request a stop at the next safe point.
 
     Yields a function that says whether a stop was requested; the training loop polls it
@@ -76,7 +72,7 @@ def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = 
     as failed and the group goes on. ``RunInterrupted`` from ``should_stop`` propagates,
     leaving the interrupted run's checkpoint for the next call.
     """
-    log = log or _stderr
+    log = log or to_stderr
     stored = {} if fresh else latest_by_key(read_records(out_dir, log))
     loaded: dict[tuple, Splits] = {}
     records = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from .config import Config
+from .log import to_stderr
 
 RUNS_FILE = "runs.jsonl"
 CHECKPOINT_DIR = "checkpoints"
@@ -72,7 +72,7 @@ def append_record(out_dir: Path, record: dict[str, Any]) -> None:
 
 def read_records(out_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """All complete records in ``out_dir/runs.jsonl``; unreadable lines are skipped with a warning."""
-    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    warn = warn or to_stderr
     path = out_dir / RUNS_FILE
     if not path.exists():
         return []
@@ -122,7 +122,7 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged checkpoint only costs the epochs since the run started
-        print(f"warning: checkpoint {path} unreadable ({error}); the run starts over", file=sys.stderr)
+        to_stderr(f"warning: checkpoint {path} unreadable ({error}); the run starts over")
         return None
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from torch import nn
 from .config import Config, resolve_device
 from .data import Splits, iterate_minibatches
 from .kernels import cpu_kernels
+from .log import to_stderr
 from .model import build_model
 from .optim import build_optimizer
 from .ops import is_meprop_active, time_linear_backward
@@ -108,7 +108,7 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     it returns True the run raises :class:`RunInterrupted`. A NaN or infinite loss raises
     :class:`NonFiniteLoss`.
     """
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    log = log or to_stderr
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
