@@ -156,10 +156,13 @@ def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int 
 @click.option("--data-dir", metavar="DIR", help="Download folder, or the IDX folder for --dataset idx.")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="Seeds 1..N per row.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs per run (default: the paper's 20).")
+@click.option("--fig4-seeds", type=click.IntRange(min=1), help="Seeds for Figure 4 only (default: --seeds).")
+@click.option("--fig4-epochs", type=click.IntRange(min=1), help="Epochs for Figure 4 only (default: --epochs).")
 @click.option("--quick", is_flag=True, help="A few hundred examples, one epoch: checks the pipeline in minutes.")
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (recorded in the report).")
 @click.option("--out", metavar="DIR", help="Output folder (default: results/reproduce-<dataset>[-quick]/).")
-def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int, epochs: int | None, quick: bool,
+def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int, epochs: int | None,
+                      fig4_seeds: int | None, fig4_epochs: int | None, quick: bool,
                       threads: int | None, out: str | None) -> None:
     """Re-run the paper's MNIST tables and Figure 4; print and write paper vs ours (REPORT.md, CSV, PNG)."""
     from .reproduce import TABLES, reproduce
@@ -174,8 +177,8 @@ def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int
     command = "meprop " + " ".join(sys.argv[1:]) if sys.argv[1:] else "meprop reproduce"
     try:
         with stop_on_signals() as should_stop:
-            report = reproduce(chosen, dataset, data_dir, seeds, epochs, quick,
-                               out_dir, command, threads, should_stop=should_stop)
+            report = reproduce(chosen, dataset, data_dir, seeds, epochs, quick, out_dir, command, threads,
+                               should_stop=should_stop, fig4_seeds=fig4_seeds, fig4_epochs=fig4_epochs)
     except MePropError as error:
         _fail(error)
     except (RunInterrupted, KeyboardInterrupt):

@@ -8,6 +8,7 @@ last finished epoch.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,9 +18,9 @@ from .config import Config, resolve_device
 from .data import Splits, load_data
 from .log import to_stderr
 from .results import make_record
-from .store import (append_record, checkpoint_path, latest_by_key, read_records, remove_checkpoint,
-                    run_key)
-from .train import NonFiniteLoss, method_name, train_run
+from .store import (append_record, checkpoint_path, claim_run, latest_by_key, read_records,
+                    remove_checkpoint, run_key)
+from .train import NonFiniteLoss, RunInterrupted, method_name, train_run
 
 Log = Callable[[str], None]
 
@@ -63,7 +64,8 @@ def _describe(config: Config) -> str:
 
 
 def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = None, fresh: bool = False,
-                    should_stop: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
+                    should_stop: Callable[[], bool] | None = None,
+                    poll_seconds: float = 5.0) -> list[dict[str, Any]]:
     """Train each config in turn, appending each finished (or failed) run to ``out_dir/runs.jsonl``.
 
     Runs whose key is already stored are skipped and their stored record is returned (unless
@@ -71,43 +73,83 @@ def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = 
     loaded once per distinct dataset setting. A run whose loss becomes non-finite is stored
     as failed and the group goes on. ``RunInterrupted`` from ``should_stop`` propagates,
     leaving the interrupted run's checkpoint for the next call.
+
+    Several processes can work on one ``out_dir`` at once (one per core or per machine on a
+    shared disk): a run another process is training is skipped, and collected at the end
+    once that process has stored it (or trained here, resuming its checkpoint, if that
+    process stopped without storing it).
     """
     log = log or to_stderr
     stored = {} if fresh else latest_by_key(read_records(out_dir, log))
     loaded: dict[tuple, Splits] = {}
-    records = []
     total = len(configs)
-    for number, config in enumerate(configs, start=1):
+    records: dict[int, dict[str, Any]] = {}
+    busy: list[int] = []
+
+    def obtain(number: int, config: Config) -> dict[str, Any] | None:
+        """The run's record, trained here if need be; None while another process trains it."""
         key = run_key(config)
         if key in stored:
             log(f"run {number}/{total}: {_describe(config)}: already in {out_dir / 'runs.jsonl'}, skipped "
                 "(--fresh recomputes)")
-            records.append(stored[key])
-            continue
-        checkpoint = checkpoint_path(out_dir, key)
-        if fresh:
-            remove_checkpoint(checkpoint)
-        if _data_key(config) not in loaded:
-            loaded[_data_key(config)] = load_data(config).to(resolve_device(config.device))
-        data = loaded[_data_key(config)]
-        sizes = data.sizes()
-        log(f"run {number}/{total}: {_describe(config)}, {config.n_epoch} epochs on {sizes['train']} train / "
-            f"{sizes['dev']} dev / {sizes['test']} test ({data.source})")
-        try:
-            result = train_run(config, data, log, checkpoint, should_stop)
-        except NonFiniteLoss as error:
-            record = make_record(config, error.result, sizes, data.source, error=str(error))
-            append_record(out_dir, record)
-            remove_checkpoint(checkpoint)
-            log(f"run {number}/{total} FAILED: {error}; recorded, going on")
-            records.append(record)
-            continue
-        record = make_record(config, result, sizes, data.source)
+            return stored[key]
+        with claim_run(out_dir, key) as claimed:
+            if not claimed:
+                return None
+            if not fresh:  # another process may have stored it since we read the store
+                stored.update(latest_by_key(read_records(out_dir, log)))
+                if key in stored:
+                    log(f"run {number}/{total}: {_describe(config)}: stored by another process")
+                    return stored[key]
+            stored[key] = _train_and_store(number, total, config, out_dir, loaded, log, fresh, should_stop)
+            return stored[key]
+
+    for number, config in enumerate(configs, start=1):
+        record = obtain(number, config)
+        if record is None:
+            log(f"run {number}/{total}: {_describe(config)}: another process is training it; "
+                "collected at the end")
+            busy.append(number)
+        else:
+            records[number] = record
+    while busy:
+        if should_stop is not None and should_stop():
+            raise RunInterrupted(0)
+        time.sleep(poll_seconds)
+        stored.update(latest_by_key(read_records(out_dir, log)))
+        for number in list(busy):
+            record = obtain(number, configs[number - 1])
+            if record is not None:
+                records[number] = record
+                busy.remove(number)
+    return [records[number] for number in range(1, total + 1)]
+
+
+def _train_and_store(number: int, total: int, config: Config, out_dir: Path, loaded: dict[tuple, Splits],
+                     log: Log, fresh: bool, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
+    """Train one run (resuming its checkpoint) and append its record; a non-finite loss is stored as failed."""
+    checkpoint = checkpoint_path(out_dir, run_key(config))
+    if fresh:
+        remove_checkpoint(checkpoint)
+    if _data_key(config) not in loaded:
+        loaded[_data_key(config)] = load_data(config).to(resolve_device(config.device))
+    data = loaded[_data_key(config)]
+    sizes = data.sizes()
+    log(f"run {number}/{total}: {_describe(config)}, {config.n_epoch} epochs on {sizes['train']} train / "
+        f"{sizes['dev']} dev / {sizes['test']} test ({data.source})")
+    try:
+        result = train_run(config, data, log, checkpoint, should_stop)
+    except NonFiniteLoss as error:
+        record = make_record(config, error.result, sizes, data.source, error=str(error))
         append_record(out_dir, record)
         remove_checkpoint(checkpoint)
-        records.append(record)
-        log(f"run {number}/{total} done: best dev {result.best_dev_acc:.2f}% at epoch "
-            f"{result.best_epoch}, test {result.test_acc:.2f}%, linear backward "
-            f"{result.timings['linear_backward']:.2f}s, total {result.timings['total']:.1f}s "
-            f"({record['env']['threads']} threads)")
-    return records
+        log(f"run {number}/{total} FAILED: {error}; recorded, going on")
+        return record
+    record = make_record(config, result, sizes, data.source)
+    append_record(out_dir, record)
+    remove_checkpoint(checkpoint)
+    log(f"run {number}/{total} done: best dev {result.best_dev_acc:.2f}% at epoch "
+        f"{result.best_epoch}, test {result.test_acc:.2f}%, linear backward "
+        f"{result.timings['linear_backward']:.2f}s, total {result.timings['total']:.1f}s "
+        f"({record['env']['threads']} threads)")
+    return record

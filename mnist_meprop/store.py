@@ -3,7 +3,9 @@
 Nothing a finished run produced may be lost to a crash or an interrupt: each record is one
 line written with a single ``write`` and fsynced; a torn last line (a crash mid-write) is
 skipped with a warning; checkpoints are written to a temporary file and renamed over the
-old one, so a checkpoint on disk is always complete.
+old one, so a checkpoint on disk is always complete. Several processes may share one output
+folder: a run being trained holds an advisory lock (``.locks/<key>.lock``) that the others
+see, so each run is trained once.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,14 @@ import torch
 from .config import Config
 from .log import to_stderr
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no cross-process locks, one process per output folder
+    fcntl = None
+
 RUNS_FILE = "runs.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_DIR = ".locks"
 
 
 _DEFAULTS = Config().to_dict()
@@ -101,8 +110,14 @@ def checkpoint_path(out_dir: Path, key: str) -> Path:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` with ``torch.save`` to a temporary file, fsync it and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    for attempt in range(3):  # another process may remove the empty folder between mkdir and mkstemp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
@@ -132,3 +147,27 @@ def remove_checkpoint(path: Path) -> None:
         path.parent.rmdir()
     except OSError:
         pass
+
+
+@contextmanager
+def claim_run(out_dir: Path, key: str) -> Iterator[bool]:
+    """Within the block, hold the run's lock if no other process holds it; yields whether it does.
+
+    The lock is an ``flock`` on ``out_dir/.locks/<key>.lock``: the operating system drops it
+    when its process ends, however it ends, so a killed process never leaves a run claimed.
+    """
+    if fcntl is None:
+        yield True
+        return
+    folder = out_dir / LOCK_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{key}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

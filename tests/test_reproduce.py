@@ -54,3 +54,14 @@ def test_idx_needs_a_data_dir():
     result = CliRunner().invoke(main, ["reproduce", "--quick", "--dataset", "idx"])
     assert result.exit_code == 2
     assert "--data-dir" in result.stderr
+
+
+def test_figure4_can_use_fewer_seeds_and_the_report_keeps_hand_written_notes(tmp_path):
+    (tmp_path / "NOTES.md").write_text("Our Fashion numbers are lower because Fashion is harder.\n")
+    result = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "3,fig4", "--seeds", "2",
+                                       "--fig4-seeds", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "32 distinct runs" in result.stderr  # Table 3: 2 rows x 2 seeds; Figure 4: 28 points x 1 seed
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "seeds 1-2" in report and "Figure 4: seeds 1-1" in report
+    assert report.rstrip().endswith("Our Fashion numbers are lower because Fashion is harder.")

@@ -147,3 +147,51 @@ def test_non_finite_loss_is_recorded_and_the_sweep_goes_on(tmp_path):
     lines = []
     run_experiments([exploding, fine], tmp_path, lines.append)
     assert sum("skipped" in line for line in lines) == 2
+
+
+def _wait_for(condition, seconds=60.0):
+    import time
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("other_stores_it", [True, False])
+def test_a_run_claimed_by_another_process_is_collected_not_retrained(tmp_path, other_stores_it):
+    """Two workers on one folder: the runner skips the run the other holds, then collects its record
+    (or, if the other stopped without storing it, trains it itself); every key is stored once."""
+    import threading
+
+    from mnist_meprop.store import claim_run
+
+    first, second = sweep_configs(Config(**{**TINY, "n_epoch": 1}), ks=[0, 8], seeds=[1])
+    out = tmp_path / "shared"
+    result = {}
+    with claim_run(out, run_key(second)) as held:
+        assert held
+        worker = threading.Thread(target=lambda: result.update(
+            records=run_experiments([first, second], out, log=quiet, poll_seconds=0.02)))
+        worker.start()
+        _wait_for(lambda: len(read_records(out)) == 1)
+        assert worker.is_alive(), "the runner must wait for the claimed run, not return without it"
+        if other_stores_it:
+            other = run_experiments([second], tmp_path / "other", log=quiet)[0]
+            append_record(out, other)
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    stored = read_records(out)
+    assert sorted(r["key"] for r in stored) == sorted([run_key(first), run_key(second)])
+    assert [r["key"] for r in result["records"]] == [run_key(first), run_key(second)]
+    if other_stores_it:
+        assert result["records"][1] == other
+
+
+def test_a_held_claim_is_refused_and_released_after(tmp_path):
+    from mnist_meprop.store import claim_run
+
+    with claim_run(tmp_path, "abc") as held:
+        with claim_run(tmp_path, "abc") as again:
+            assert held and not again
+    with claim_run(tmp_path, "abc") as after:
+        assert after
