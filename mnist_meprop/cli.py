@@ -149,8 +149,8 @@ def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int 
 
 
 @main.command("reproduce")
-@click.option("--table", "table", default="all", show_default=True, metavar="1|2|3|4|5|6|fig4|all[,...]",
-              help="Which tables (and/or Figure 4) to reproduce; comma-separated for several.")
+@click.option("--table", "table", default="all", show_default=True, metavar="1|2|3|4|5|6|fig4|mesimp|all[,...]",
+              help="Which tables (and/or Figure 4, meSimp) to reproduce; comma-separated for several.")
 @click.option("--dataset", type=click.Choice(["sample", "mnist", "fashion-mnist", "idx"]), default="sample",
               show_default=True)
 @click.option("--data-dir", metavar="DIR", help="Download folder, or the IDX folder for --dataset idx.")
@@ -164,7 +164,7 @@ def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int 
 def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int, epochs: int | None,
                       fig4_seeds: int | None, fig4_epochs: int | None, quick: bool,
                       threads: int | None, out: str | None) -> None:
-    """Re-run the paper's MNIST tables and Figure 4; print and write paper vs ours (REPORT.md, CSV, PNG)."""
+    """Re-run the paper's MNIST tables, Figure 4 and meSimp; print and write paper vs ours (REPORT.md, CSV, PNG)."""
     from .reproduce import TABLES, reproduce
 
     chosen = [part.strip() for part in table.split(",") if part.strip()]
@@ -172,7 +172,7 @@ def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int
         chosen = list(TABLES)
     unknown = [part for part in chosen if part not in TABLES]
     if unknown or not chosen:
-        _fail(f"--table: expected 1, 2, 3, 4, 5, 6, fig4 or all (comma-separated), got {table!r}")
+        _fail(f"--table: expected 1, 2, 3, 4, 5, 6, fig4, mesimp or all (comma-separated), got {table!r}")
     out_dir = Path(out) if out else Path("results") / f"reproduce-{dataset}{'-quick' if quick else ''}"
     command = "meprop " + " ".join(sys.argv[1:]) if sys.argv[1:] else "meprop reproduce"
     try:
@@ -186,3 +186,31 @@ def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int
                    err=True)
         sys.exit(EXIT_INTERRUPTED)
     click.echo(f"\nwrote {report} (tables as CSV and Figure 4 plots beside it)")
+
+
+@main.command("export")
+@click.option("--run", "run_dir", required=True, metavar="DIR",
+              help="A run folder (the --out of train/sweep, or a reproduction's runs/ folder).")
+@click.option("--key", metavar="KEY", help="Which run, when the folder holds several (a key or its prefix).")
+@click.option("--out", "out", required=True, metavar="FILE", help="Where to write the compact model (.pt).")
+@click.option("--threads", type=click.IntRange(min=1), help="torch threads for the inference timing.")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed passes over the test set per model (median reported).")
+def export_command(run_dir: str, key: str | None, out: str, threads: int | None, repeats: int) -> None:
+    """Write a run's best-dev model as plain nn.Linear layers of its (meSimp-reduced) sizes; check and time it."""
+    from .export import export_run
+
+    try:
+        summary = export_run(Path(run_dir), Path(out), key, repeats, threads)
+    except MePropError as error:
+        _fail(error)
+    speedup = summary.full_ms / summary.compact_ms
+    click.echo(f"wrote {summary.path}: layer sizes {summary.sizes} (full size {summary.full_sizes})\n"
+               f"test-set predictions ({summary.test_examples} examples): compact = trained model: "
+               f"{'identical' if summary.predictions_equal else 'DIFFERENT'}; full-size masked = trained model: "
+               f"{'identical' if summary.full_predictions_equal else 'DIFFERENT'}\n"
+               f"inference over the test set, median of {repeats}, {summary.threads} threads: compact "
+               f"{summary.compact_ms:.2f} ms, full-size {summary.full_ms:.2f} ms ({speedup:.2f}x)\n"
+               f"load it with plain torch: torch.load({str(summary.path)!r}, weights_only=False)['model']")
+    if not (summary.predictions_equal and summary.full_predictions_equal):
+        sys.exit(EXIT_RUN_FAILED)

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from .errors import ConfigError
+from .ops import is_meprop_active
 
 DATASETS = ("sample", "mnist", "fashion-mnist", "idx")
 OPTIMIZERS = ("adam", "adagrad", "sgd")
@@ -21,6 +22,17 @@ SELECTIONS = ("topk", "random")
 DEVICES = ("cpu", "cuda", "auto")
 # The paper's learning rates (Adam's defaults; AdaGrad 0.1 for MNIST); sgd has no paper value.
 DEFAULT_LR = {"adam": 0.001, "adagrad": 0.1, "sgd": 0.1}
+
+
+@dataclass(frozen=True)
+class Simplify:
+    """meSimp: prune hidden units that meProp rarely selects (the authors' released defaults)."""
+
+    enabled: bool = False
+    prune_rate: float = 0.1
+    prunes_per_epoch: int = 8
+    cycle_epochs: int = 5
+    reset_optimizer: bool = True
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class Config:
     seed: int = 1
     threads: int | None = None
     device: str = "cpu"
+    simplify: Simplify = Simplify()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,12 +104,22 @@ _RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]] = {
     "seed": (int, False, _at_least(0)),
     "threads": (int, True, _at_least(1)),
     "device": (str, False, _one_of(DEVICES)),
+    "simplify": (dict, False, None),
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(Config)}
 
+_SIMPLIFY_RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]] = {
+    "enabled": (bool, False, None),
+    "prune_rate": (float, False, lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]"),
+    "prunes_per_epoch": (int, False, _at_least(1)),
+    "cycle_epochs": (int, False, _at_least(1)),
+    "reset_optimizer": (bool, False, None),
+}
+assert set(_SIMPLIFY_RULES) == {f.name for f in dataclasses.fields(Simplify)}
 
-def _check_value(key: str, value: Any) -> Any:
-    kind, optional, check = _RULES[key]
+
+def _check_value(key: str, value: Any, rules: dict | None = None) -> Any:
+    kind, optional, check = (rules or _RULES)[key.rpartition(".")[2]]
     if value is None:
         if optional:
             return None
@@ -111,18 +134,40 @@ def _check_value(key: str, value: Any) -> Any:
     return value
 
 
+def _unknown_key(key: str, valid: Iterable[str], prefix: str = "") -> ConfigError:
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown key {prefix + str(key)!r}{hint}")
+
+
+def _validate_simplify(value: dict[str, Any]) -> Simplify:
+    fields = {}
+    for key, item in value.items():
+        if key not in _SIMPLIFY_RULES:
+            raise _unknown_key(key, _SIMPLIFY_RULES, "simplify.")
+        fields[key] = _check_value(f"simplify.{key}", item, _SIMPLIFY_RULES)
+    return Simplify(**fields)
+
+
 def validate(raw: dict[str, Any]) -> Config:
     """Check every key and value of ``raw`` and build the ``Config``; fills ``lr`` from the optimizer."""
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in _RULES:
-            close = difflib.get_close_matches(str(key), _RULES, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f"; valid keys: {', '.join(_RULES)}"
-            raise ConfigError(f"unknown key {key!r}{hint}")
+            raise _unknown_key(key, _RULES)
+        if key == "simplify" and isinstance(value, Simplify):
+            value = dataclasses.asdict(value)
         values[key] = _check_value(key, value)
+    if "simplify" in values:
+        values["simplify"] = _validate_simplify(values["simplify"])
     config = Config(**values)
     if config.dataset == "idx" and not config.data_dir:
         raise ConfigError("data_dir: required when dataset is idx (a folder with the four IDX files)")
+    if config.simplify.enabled and not (is_meprop_active(config.k, config.d_hidden) and config.n_layer >= 2):
+        raise ConfigError(f"simplify.enabled: needs meProp hidden layers (0 < k < d_hidden and n_layer >= 2), "
+                          f"got k={config.k}, d_hidden={config.d_hidden}, n_layer={config.n_layer}")
+    if config.simplify.enabled and config.selection != "topk":
+        raise ConfigError("simplify.enabled: needs selection topk (activeness is counted from the top-k sets)")
     if config.lr is None:
         config = dataclasses.replace(config, lr=DEFAULT_LR[config.optimizer])
     return config
@@ -181,7 +226,12 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     raw = {"name": path.stem, **read_yaml(path)}
     for item in overrides:
         key, value = parse_override(item)
-        raw[key] = value
+        section, dot, sub = key.partition(".")
+        if dot and section == "simplify":  # simplify.enabled=true
+            current = raw.get("simplify")
+            raw["simplify"] = {**(current if isinstance(current, dict) else {}), sub: value}
+        else:
+            raw[key] = value
     return validate(raw)
 
 

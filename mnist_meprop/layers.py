@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import SELECTIONS, is_meprop_active, meprop_linear
+from .ops import SELECTIONS, TopkCounter, is_meprop_active, meprop_linear
 
 
 class MePropLinear(nn.Linear):
@@ -17,7 +17,8 @@ class MePropLinear(nn.Linear):
     ``k``, ``unified`` and ``selection``. ``k <= 0`` or ``k >= out_features`` is plain
     backprop. ``sparse_grad=True`` makes the weight and bias gradients sparse COO tensors of
     the selected rows (like ``nn.Embedding(sparse=True)``): no dense work in the backward,
-    for optimizers that take sparse gradients (see :mod:`mnist_meprop.optim`).
+    for optimizers that take sparse gradients (see :mod:`mnist_meprop.optim`). While
+    ``counter`` holds a :class:`TopkCounter`, training steps record the selected units in it.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class MePropLinear(nn.Linear):
         self.unified = bool(unified)
         self.selection = selection
         self.sparse_grad = bool(sparse_grad)
+        self.counter: TopkCounter | None = None
 
     @property
     def meprop_active(self) -> bool:
@@ -46,7 +48,9 @@ class MePropLinear(nn.Linear):
         return is_meprop_active(self.k, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return meprop_linear(x, self.weight, self.bias, self.k, self.unified, self.selection, self.sparse_grad)
+        counter = self.counter if self.training else None
+        return meprop_linear(x, self.weight, self.bias, self.k, self.unified, self.selection, self.sparse_grad,
+                             counter)
 
     def extra_repr(self) -> str:
         mode = "unified" if self.unified else "per_example"

@@ -6,6 +6,7 @@ from torch import nn
 
 from .config import Config
 from .layers import MePropLinear
+from .ops import is_meprop_active
 
 
 def build_mlp(d_input: int, n_classes: int, d_hidden: int, n_layer: int, k: int,
@@ -33,4 +34,5 @@ def build_mlp(d_input: int, n_classes: int, d_hidden: int, n_layer: int, k: int,
 def build_model(config: Config, d_input: int, n_classes: int) -> nn.Sequential:
     """The MLP described by ``config`` for data with ``d_input`` features and ``n_classes`` labels."""
     return build_mlp(d_input, n_classes, config.d_hidden, config.n_layer, config.k,
-                     config.unified, config.selection, config.dropout, sparse_grad=True)
+                     config.unified, config.selection, config.dropout,
+                     sparse_grad=is_meprop_active(config.k, config.d_hidden))

@@ -47,6 +47,29 @@ def time_linear_backward() -> Iterator[LinearBackwardClock]:
         _active_clock = previous
 
 
+class TopkCounter:
+    """How often each output unit was among an example's selected k (meSimp's activeness).
+
+    ``counts[j]`` is the number of counted examples whose selection included unit ``j``;
+    ``examples`` is the number of examples counted. In unified mode every example counts the
+    shared set; when a layer's backward is dense (``k >= out``) every unit counts.
+    """
+
+    def __init__(self, out_features: int, device: torch.device | str | None = None) -> None:
+        self.counts = torch.zeros(out_features, dtype=torch.float64, device=device)
+        self.examples = 0
+
+    def record(self, indices: torch.Tensor, n_examples: int) -> None:
+        """``indices``: ``[n_examples, k]`` per-example sets, or ``[k]`` shared by all examples."""
+        hits = torch.bincount(indices.reshape(-1), minlength=len(self.counts)).to(self.counts.dtype)
+        self.counts += hits if indices.dim() == 2 else hits * n_examples
+        self.examples += n_examples
+
+    def record_all(self, n_examples: int) -> None:
+        self.counts += n_examples
+        self.examples += n_examples
+
+
 def is_meprop_active(k: int, out_features: int) -> bool:
     """True when ``k`` really sparsifies the gradient; ``k <= 0`` or ``k >= d`` is dense."""
     return 0 < k < out_features
@@ -72,10 +95,10 @@ def select_indices(dy: torch.Tensor, k: int, unified: bool, selection: str) -> t
 
 class _MePropLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, k, unified, selection, sparse_grad):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, k, unified, selection, sparse_grad, counter):  # type: ignore[override]
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.save_for_backward(x if needs_dw else None, weight if needs_dx else None)
-        ctx.k, ctx.unified, ctx.selection = k, unified, selection
+        ctx.k, ctx.unified, ctx.selection, ctx.counter = k, unified, selection, counter
         # Row-sparse gradients are written straight into .grad (see meprop_linear's docstring).
         ctx.sparse_params = (weight, bias) if sparse_grad and is_meprop_active(k, weight.shape[0]) else None
         ctx.has_bias = bias is not None
@@ -96,7 +119,7 @@ class _MePropLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, in_features) if x is not None else None
         if is_meprop_active(ctx.k, out_features):
             dx, rows, w_values, b_values = _row_sparse_backward(
-                dy2, x2, weight, ctx.k, ctx.unified, ctx.selection, needs_dx, needs_dw)
+                dy2, x2, weight, ctx.k, ctx.unified, ctx.selection, needs_dx, needs_dw, ctx.counter)
             if ctx.sparse_params is not None:
                 weight_param, bias_param = ctx.sparse_params
                 if needs_dw:
@@ -117,7 +140,7 @@ class _MePropLinearFunction(torch.autograd.Function):
             if dy.is_cuda:
                 torch.cuda.synchronize(dy.device)
             clock.seconds += time.perf_counter() - start
-        return dx, dw, (db if ctx.has_bias else None), None, None, None, None
+        return dx, dw, (db if ctx.has_bias else None), None, None, None, None, None
 
 
 def values_to_dense(rows: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
@@ -132,27 +155,36 @@ def _accumulate_sparse(param: torch.Tensor, rows: torch.Tensor, values: torch.Te
     param.grad = grad if param.grad is None else param.grad + grad
 
 
-def _row_sparse_backward(dy2, x2, weight, k, unified, selection, needs_dx, needs_dw):
+def _row_sparse_backward(dy2, x2, weight, k, unified, selection, needs_dx, needs_dw, counter=None):
     """``dx`` and the row-sparse ``dW``/``db`` of a linear layer from ``dy`` masked to k entries.
 
     Returns ``(dx or None, rows, weight rows, bias rows)``; rows are sorted and unique. No work
     proportional to ``out x in`` is done: unified mode multiplies the ``[N, k]`` block of kept
-    columns; per-example mode touches only each example's own k rows.
+    columns; per-example mode touches only each example's own k rows. A ``counter`` records the
+    selected indices.
     """
     if unified:
         rows = select_indices(dy2, k, True, selection).sort().values
+        if counter is not None:
+            counter.record(rows, dy2.shape[0])
         dy_kept = dy2.index_select(1, rows)
         dx = dy_kept.mm(weight.index_select(0, rows)) if needs_dx else None
         w_values = dy_kept.t().mm(x2) if needs_dw else None
         return dx, rows, w_values, dy_kept.sum(dim=0)
     kernels = cpu_kernels() if dy2.device.type == "cpu" else None
     if kernels is not None:
-        given = select_indices(dy2, k, False, selection).sort(dim=1).values if selection != "topk" else None
+        given = None
+        if selection != "topk" or counter is not None:  # the kernel picks top-k itself unless given the sets
+            given = select_indices(dy2, k, False, selection).sort(dim=1).values
+            if counter is not None:
+                counter.record(given, dy2.shape[0])
         dx, rows, w_values, b_values = kernels.per_example_backward(
             dy2.contiguous(), x2.contiguous() if needs_dw else None, weight if needs_dx else None,
             given, k, needs_dx, needs_dw)
         return (dx if needs_dx else None), rows, (w_values if needs_dw else None), b_values
     indices = select_indices(dy2, k, False, selection)
+    if counter is not None:
+        counter.record(indices, dy2.shape[0])
     kept = dy2.gather(1, indices)
     n_rows, in_features = dy2.shape[0], (x2.shape[1] if x2 is not None else weight.shape[1])
     dx = None
@@ -177,6 +209,7 @@ def meprop_linear(
     unified: bool = True,
     selection: str = "topk",
     sparse_grad: bool = False,
+    counter: TopkCounter | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` whose backward keeps only ``k`` entries of ``dy``.
 
@@ -200,9 +233,16 @@ def meprop_linear(
     ``loss.backward()`` would, so ``torch.autograd.grad`` and tensor hooks do not see them.
     With ``False`` (the default) they are ordinary dense tensors through autograd, for any
     optimizer and any autograd use.
+
+    A ``counter`` (:class:`TopkCounter`) records which units each example selected, for meSimp;
+    with a dense backward every unit counts, recorded at the forward.
     """
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    if _active_clock is None and not is_meprop_active(int(k), weight.shape[0]):
+    active = is_meprop_active(int(k), weight.shape[0])
+    if counter is not None and not active and torch.is_grad_enabled():
+        counter.record_all(x.numel() // x.shape[-1])
+    if _active_clock is None and not active:
         return F.linear(x, weight, bias)  # plain backprop: torch's own path, as fast as nn.Linear
-    return _MePropLinearFunction.apply(x, weight, bias, int(k), bool(unified), selection, bool(sparse_grad))
+    return _MePropLinearFunction.apply(x, weight, bias, int(k), bool(unified), selection, bool(sparse_grad),
+                                       counter)

@@ -146,9 +146,13 @@ class OptimizerGroup:
 
 
 def sparse_grad_params(model: nn.Module) -> list[torch.Tensor]:
-    """Parameters of meProp layers that return row-sparse gradients."""
+    """Parameters of meProp layers that return row-sparse gradients.
+
+    Decided by the layer's settings, not its current size, so the grouping (and with it the
+    layout of the optimizer's state) stays the same when meSimp shrinks a layer to k units or fewer.
+    """
     return [param for layer in model.modules()
-            if isinstance(layer, MePropLinear) and layer.sparse_grad and layer.meprop_active
+            if isinstance(layer, MePropLinear) and layer.sparse_grad and layer.k > 0
             for param in layer.parameters()]
 
 

@@ -27,7 +27,7 @@ from .results import environment, format_mean_std, mean_std
 from .runner import run_experiments
 from .store import run_key
 
-TABLES = ("1", "2", "3", "4", "5", "6", "fig4")
+TABLES = ("1", "2", "3", "4", "5", "6", "fig4", "mesimp")
 # --quick: a few hundred examples, one epoch; enough to exercise every table and plot.
 QUICK = {"dev_size": 200, "train_limit": 400, "test_limit": 300, "n_epoch": 1}
 TIME_METRICS = {
@@ -45,6 +45,7 @@ class Row:
     paper: dict[str, float]
     baseline: str | None = None
     configs: list[Config] = field(default_factory=list)
+    reduced_from: str | None = None  # meSimp: a dense MLP as wide as that row's runs ended up, per seed
 
 
 @dataclass
@@ -58,13 +59,14 @@ class TableSpec:
 
 
 def spec_path(name: str) -> Path:
-    filename = "fig4.yaml" if name == "fig4" else f"table{name}.yaml"
+    filename = f"{name}.yaml" if name in ("fig4", "mesimp") else f"table{name}.yaml"
     return Path(str(resources.files("mnist_meprop") / "paper" / filename))
 
 
 def load_spec(name: str) -> TableSpec:
     data = yaml.safe_load(spec_path(name).read_text(encoding="utf-8"))
-    rows = [Row(r["label"], r.get("set", {}), r.get("paper", {}), r.get("baseline")) for r in data.get("rows", [])]
+    rows = [Row(r["label"], r.get("set", {}), r.get("paper", {}), r.get("baseline"), reduced_from=r.get("reduced_from"))
+            for r in data.get("rows", [])]
     return TableSpec(name, data["title"], data["base"], rows, data.get("k_values", []), data.get("paper", {}))
 
 
@@ -99,8 +101,24 @@ def build_configs(spec: TableSpec, data: dict[str, Any], seeds: Sequence[int], e
             raw.update(QUICK)
         if threads is not None:
             raw["threads"] = threads
-        row.configs = [validate({**raw, "seed": seed}) for seed in seeds]
+        row.configs = [] if row.reduced_from else [validate({**raw, "seed": seed}) for seed in seeds]
     return rows
+
+
+def reduced_configs(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any]]) -> None:
+    """Fill each ``reduced_from`` row: per seed, its config with ``d_hidden`` set to the average
+    active units of the source row's run with that seed (once those runs are stored)."""
+    for row in rows:
+        if not row.reduced_from:
+            continue
+        source = next(r for r in rows if r.label == row.reduced_from)
+        row.configs = []
+        for config in source.configs:
+            record = by_key.get(run_key(config), {})
+            units = record.get("simplify", {}).get("units_at_best") if record.get("status") == "ok" else None
+            if units:
+                width = max(1, round(statistics.fmean(units)))
+                row.configs.append(config.replace(**row.overrides, d_hidden=width, simplify={}))
 
 
 def row_values(row: Row, by_key: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
@@ -155,6 +173,52 @@ def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, An
             line += [format_mean_std(mean, std, n), paper_ratio, ours_ratio]
         cells.append(line)
     return headers, cells
+
+
+def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any]],
+                 runs_dir: Path) -> tuple[list[str], list[list[str]]]:
+    """meSimp's table: units per hidden layer, average units (% of d), test accuracy paper vs ours,
+    and, for the simplified rows, inference speedup of the compact model over the full-size masked one."""
+    d_hidden = spec.base["d_hidden"]
+    headers = ["row", "seeds", "paper avg units", "ours units per layer", "ours avg units (% of d)",
+               "paper test %", "ours test %", "ours − paper", "inference speedup (compact vs full)"]
+    cells = []
+    for row in rows:
+        records = [by_key[run_key(c)] for c in row.configs if by_key.get(run_key(c), {}).get("status") == "ok"]
+        paper_units, paper_test = row.paper.get("units"), row.paper.get("test")
+        if not records:
+            cells.append([row.label, "0", _opt_int(paper_units), "", "", _opt(paper_test), "failed", "", ""])
+            continue
+        per_layer = [r.get("simplify", {}).get("units_at_best") or [r["config"]["d_hidden"]] * (r["config"]["n_layer"] - 1)
+                     for r in records]
+        layer_means = [statistics.fmean(column) for column in zip(*per_layer)]
+        average = statistics.fmean(layer_means)
+        mean, std = mean_std([r["test_acc"] for r in records])
+        speedups = [inference_speedup(runs_dir, r) for r in records if r.get("simplify")]
+        speedups = [value for value in speedups if value is not None]
+        cells.append([row.label, str(len(records)), _opt_int(paper_units), " / ".join(f"{m:.0f}" for m in layer_means),
+                      f"{average:.0f} ({100 * average / d_hidden:.0f}%)", _opt(paper_test),
+                      format_mean_std(mean, std, len(records)), "" if paper_test is None else f"{mean - paper_test:+.2f}",
+                      f"{statistics.fmean(speedups):.2f}x" if speedups else ""])
+    return headers, cells
+
+
+def inference_speedup(runs_dir: Path, record: dict[str, Any]) -> float | None:
+    """Full-size masked model's test-set inference time over the compact model's (None without a saved model)."""
+    from .data import load_data
+    from .export import compact_model, inference_ms, load_trained, masked_full_model
+    from .store import model_path
+
+    if not model_path(runs_dir, record["key"]).exists():
+        return None
+    config, trained, units = load_trained(runs_dir, record)
+    test_x = load_data(config).test_x
+    compact, full = compact_model(trained), masked_full_model(trained, units, config.d_hidden)
+    return inference_ms(full, test_x, 10) / inference_ms(compact, test_x, 10)
+
+
+def _opt_int(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
 
 
 def _opt(value: float | None) -> str:
@@ -252,6 +316,12 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
     records = run_experiments(configs, out_dir / "runs", log=_with_eta(log, len(configs), started),
                               should_stop=should_stop)
     by_key = {record["key"]: record for record in records}
+    for spec, rows in built:  # rows sized by other rows' results (meSimp's reduced MLP) run second
+        reduced_configs(spec, rows, by_key)
+    extra = [c for _, rows in built for row in rows if row.reduced_from for c in row.configs]
+    if extra:
+        log(f"reproduce: {len(extra)} more runs, dense MLPs of the sizes meSimp reached")
+        by_key.update((r["key"], r) for r in run_experiments(extra, out_dir / "runs", log=log, should_stop=should_stop))
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
     sections = [
@@ -271,8 +341,11 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
         "",
     ]
     for spec, rows in built:
-        headers, cells = table_lines(spec, rows, by_key)
-        name = "fig4" if spec.name == "fig4" else f"table{spec.name}"
+        if spec.name == "mesimp":
+            headers, cells = mesimp_lines(spec, rows, by_key, out_dir / "runs")
+        else:
+            headers, cells = table_lines(spec, rows, by_key)
+        name = spec.name if spec.name in ("fig4", "mesimp") else f"table{spec.name}"
         with open(out_dir / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(headers)

@@ -62,6 +62,9 @@ def make_record(config: Config, result: RunResult, data_sizes: dict[str, int], s
         "env": environment(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if config.simplify.enabled:
+        record["simplify"] = {"units_at_best": result.units_at_best, "units_final": result.units,
+                              "d_hidden": config.d_hidden, "prunes": result.prunes}
     if error is not None:
         record["error"] = error
     return record

@@ -18,7 +18,7 @@ from .config import Config, resolve_device
 from .data import Splits, load_data
 from .log import to_stderr
 from .results import make_record
-from .store import (append_record, checkpoint_path, claim_run, latest_by_key, read_records,
+from .store import (append_record, checkpoint_path, claim_run, latest_by_key, model_path, read_records,
                     remove_checkpoint, run_key)
 from .train import NonFiniteLoss, RunInterrupted, method_name, train_run
 
@@ -138,7 +138,7 @@ def _train_and_store(number: int, total: int, config: Config, out_dir: Path, loa
     log(f"run {number}/{total}: {_describe(config)}, {config.n_epoch} epochs on {sizes['train']} train / "
         f"{sizes['dev']} dev / {sizes['test']} test ({data.source})")
     try:
-        result = train_run(config, data, log, checkpoint, should_stop)
+        result = train_run(config, data, log, checkpoint, should_stop, model_path(out_dir, run_key(config)))
     except NonFiniteLoss as error:
         record = make_record(config, error.result, sizes, data.source, error=str(error))
         append_record(out_dir, record)

@@ -31,6 +31,7 @@ except ImportError:  # not POSIX: no cross-process locks, one process per output
 
 RUNS_FILE = "runs.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+MODEL_DIR = "models"
 LOCK_DIR = ".locks"
 
 
@@ -106,6 +107,11 @@ def latest_by_key(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def checkpoint_path(out_dir: Path, key: str) -> Path:
     return out_dir / CHECKPOINT_DIR / f"{key}.pt"
+
+
+def model_path(out_dir: Path, key: str) -> Path:
+    """Where a run's best-dev model is kept (for ``meprop export``)."""
+    return out_dir / MODEL_DIR / f"{key}.pt"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from .log import to_stderr
 from .model import build_model
 from .optim import build_optimizer
 from .ops import is_meprop_active, time_linear_backward
+from .simplify import Simplifier, shrink_to
 from .store import load_checkpoint, save_checkpoint
 
 PHASES = ("forward", "backward", "linear_backward", "update", "train", "eval", "total")
@@ -57,6 +58,9 @@ class RunResult:
     best_epoch: int = 0
     epochs: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    units_at_best: list[int] | None = None  # meSimp: active units per hidden layer of the best-dev model
+    units: list[int] | None = None  # meSimp: active units per hidden layer at the end
+    prunes: list[dict[str, Any]] = field(default_factory=list)  # meSimp: units after each prune
 
 
 class RunInterrupted(Exception):
@@ -92,7 +96,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = None,
-              checkpoint: Path | None = None, should_stop: Callable[[], bool] | None = None) -> RunResult:
+              checkpoint: Path | None = None, should_stop: Callable[[], bool] | None = None,
+              model_file: Path | None = None) -> RunResult:
     """Train the config's MLP on ``data``; evaluate dev each epoch and test whenever dev improves.
 
     ``torch.manual_seed(config.seed)`` precedes model construction, so every k of a sweep
@@ -106,7 +111,11 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     after every epoch, and a run that finds a checkpoint continues after its epoch, ending
     exactly as an uninterrupted run would. ``should_stop`` is polled before every step; when
     it returns True the run raises :class:`RunInterrupted`. A NaN or infinite loss raises
-    :class:`NonFiniteLoss`.
+    :class:`NonFiniteLoss`. With ``model_file``, the best-dev model (the one whose test accuracy
+    is reported) is saved there, with its config and, for meSimp, its active units.
+
+    With ``config.simplify.enabled`` the hidden layers shrink on meSimp's schedule (see
+    :mod:`mnist_meprop.simplify`); the active units are logged after each prune and epoch.
     """
     log = log or to_stderr
     if config.threads is not None:
@@ -119,9 +128,15 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
         data = data.to(device)
     torch.manual_seed(config.seed)
     model = build_model(config, data.n_features, data.n_classes).to(device)
-    optimizer = build_optimizer(config, model)
     result = RunResult()
     saved = load_checkpoint(checkpoint) if checkpoint is not None else None
+    simplifier = None
+    if config.simplify.enabled:
+        units = [torch.as_tensor(kept) for kept in saved["units"]] if saved is not None else None
+        if units is not None:
+            shrink_to(model, units)
+        simplifier = Simplifier(model, config.simplify, math.ceil(len(data.train_y) / config.d_minibatch), units)
+    optimizer = build_optimizer(config, model)  # after any shrinking: it must hold the model's current parameters
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -129,6 +144,8 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
         if device.type == "cuda" and saved.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         result = RunResult(**saved["result"])
+        if simplifier is not None:
+            simplifier.prunes = result.prunes
         log(f"  resuming after epoch {saved['epoch']} from {checkpoint}")
     timings = result.timings
     elapsed_before, run_start = timings["total"], clock()
@@ -136,6 +153,10 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     for epoch in range(len(result.epochs) + 1, config.n_epoch + 1):
         epoch_start = time.perf_counter()
         model.train()
+        if simplifier is not None:
+            if simplifier.starts_cycle(epoch) and config.simplify.reset_optimizer and epoch > 1:
+                optimizer = build_optimizer(config, model)
+            simplifier.start_epoch(epoch)
         generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         loss_sum, correct = 0.0, 0
         with time_linear_backward() as backward_clock:
@@ -151,6 +172,8 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
                 t2 = clock()
                 optimizer.step()
                 optimizer.zero_grad()
+                if simplifier is not None and (units := simplifier.after_step(epoch, step, optimizer)):
+                    log(f"    prune at epoch {epoch} step {step}: active units {units}")
                 t3 = clock()
                 timings["forward"] += t1 - t0
                 timings["backward"] += t2 - t1
@@ -164,15 +187,24 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
         eval_start = clock()
         dev_loss, dev_acc = evaluate(model, data.dev_x, data.dev_y)
         test_acc = None
+        units = simplifier.active_units() if simplifier is not None else None
         if dev_acc > result.best_dev_acc:
             _, test_acc = evaluate(model, data.test_x, data.test_y)
             result.best_dev_acc, result.test_acc, result.best_epoch = dev_acc, test_acc, epoch
+            result.units_at_best = units
+            if model_file is not None:
+                save_checkpoint(model_file, {"config": config.to_dict(), "model": model.state_dict(), "epoch": epoch,
+                                             "units": simplifier.units if simplifier is not None else None,
+                                             "n_features": data.n_features, "n_classes": data.n_classes})
         timings["eval"] += clock() - eval_start
         result.epochs.append({
             "epoch": epoch, "train_loss": loss_sum / n_train, "train_acc": 100.0 * correct / n_train,
             "dev_loss": dev_loss, "dev_acc": dev_acc, "test_acc": test_acc,
             "seconds": time.perf_counter() - epoch_start,
+            **({"units": units} if units is not None else {}),
         })
+        if simplifier is not None:
+            result.units, result.prunes = units, simplifier.prunes
         timings["train"] = timings["forward"] + timings["backward"] + timings["update"]
         timings["total"] = elapsed_before + clock() - run_start
         if checkpoint is not None:
@@ -180,8 +212,10 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(), "result": dataclasses.asdict(result),
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                "units": simplifier.units if simplifier is not None else None,
             })
         log(f"  epoch {epoch}/{config.n_epoch}  loss {loss_sum / n_train:.4f}  dev {dev_acc:.2f}%  "
             f"best {result.best_dev_acc:.2f}% @{result.best_epoch}  test@best {result.test_acc:.2f}%  "
-            f"({time.perf_counter() - epoch_start:.1f}s)")
+            + (f"units {units}  " if units is not None else "")
+            + f"({time.perf_counter() - epoch_start:.1f}s)")
     return result

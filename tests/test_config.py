@@ -84,3 +84,30 @@ def test_bad_files_and_overrides(tmp_path):
 def test_replace_validates():
     with pytest.raises(ConfigError, match="k: must be >= 0"):
         Config().replace(k=-3)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"simplify": True}, "simplify: expected dict, got True"),
+    ({"simplify": {"enable": True}}, "unknown key 'simplify.enable' (did you mean simplify.enabled?)"),
+    ({"simplify": {"prune_rate": 0}}, "simplify.prune_rate: must be in (0, 1], got 0.0"),
+    ({"simplify": {"cycle_epochs": 0}}, "simplify.cycle_epochs: must be >= 1, got 0"),
+    ({"simplify": {"enabled": True}, "k": 0}, "simplify.enabled: needs meProp hidden layers"),
+    ({"simplify": {"enabled": True}, "selection": "random"}, "simplify.enabled: needs selection topk"),
+])
+def test_bad_simplify_settings_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=None) as error:
+        validate(raw)
+    assert str(error.value).startswith(message)
+
+
+def test_simplify_overrides_and_run_keys():
+    from mnist_meprop.store import run_key
+
+    config = load_config(None, ["simplify.enabled=true", "simplify.prune_rate=0.2"])
+    assert config.simplify.enabled and config.simplify.prune_rate == 0.2 and config.simplify.cycle_epochs == 5
+    plain = load_config(None)
+    assert run_key(plain) == run_key(plain.replace(simplify={})), "the default simplify block must not change keys"
+    assert run_key(config) != run_key(plain)
+    mesimp = load_config(Path(__file__).parents[1] / "configs" / "mesimp.yaml")
+    assert (mesimp.d_hidden, mesimp.k, mesimp.d_minibatch, mesimp.n_epoch, mesimp.optimizer) == (500, 160, 100, 20, "adam")
+    assert mesimp.simplify.enabled

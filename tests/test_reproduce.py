@@ -27,10 +27,10 @@ def test_quick_reproduction_writes_every_table_and_plot(tmp_path):
     assert result.exit_code == 0, result.output
     report = (tmp_path / "REPORT.md").read_text()
     for name in TABLES:
-        csv_name = "fig4.csv" if name == "fig4" else f"table{name}.csv"
+        csv_name = f"{name}.csv" if name in ("fig4", "mesimp") else f"table{name}.csv"
         rows = list(csv.reader((tmp_path / csv_name).open()))
         assert len(rows) >= 3, csv_name
-    for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Figure 4"):
+    for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Figure 4", "meSimp"):
         assert f"## {title}" in report
     for plot in ("fig4-accuracy-vs-k.png", "fig4-speedup-vs-k.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -65,3 +65,18 @@ def test_figure4_can_use_fewer_seeds_and_the_report_keeps_hand_written_notes(tmp
     report = (tmp_path / "REPORT.md").read_text()
     assert "seeds 1-2" in report and "Figure 4: seeds 1-1" in report
     assert report.rstrip().endswith("Our Fashion numbers are lower because Fashion is harder.")
+
+
+def test_mesimp_section_shows_units_accuracy_and_a_reduced_size_baseline(tmp_path):
+    result = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "mesimp", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = {row[0]: row for row in csv.reader((tmp_path / "mesimp.csv").open())}
+    simplified, reduced = rows["meSimp k=160"], rows["backprop, hidden = meSimp's average units"]
+    header = rows["row"]
+    units = simplified[header.index("ours units per layer")]
+    assert simplified[header.index("paper avg units")] == "154" and simplified[header.index("paper test %")] == "98.31"
+    assert all(int(u) < 500 for u in units.split(" / "))
+    assert simplified[header.index("inference speedup (compact vs full)")].endswith("x")
+    width = round(sum(int(u) for u in units.split(" / ")) / len(units.split(" / ")))
+    assert reduced[header.index("ours units per layer")] == f"{width} / {width}"
+    assert "## meSimp" in (tmp_path / "REPORT.md").read_text()
