@@ -51,10 +51,10 @@ def _run_and_report(configs: Sequence[Config], out: str | None, fresh: bool) -> 
     rows = summarize(records)
     failed = failures(records)
     heading = _heading(configs[0])
-    click.echo(f"{heading}\n\n{format_table(rows)}")
+    click.echo(f"{heading}\n\n{format_table(rows, d_hidden=configs[0].d_hidden)}")
     for line in failed:
         click.echo(line)
-    write_tables(out_dir, rows, heading, failed)
+    write_tables(out_dir, rows, heading, failed, configs[0].d_hidden)
     click.echo(f"\nwrote {out_dir / 'runs.jsonl'}, {out_dir / 'table.md'}, {out_dir / 'table.csv'}", err=True)
     if failed:
         sys.exit(EXIT_RUN_FAILED)

@@ -103,6 +103,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             ("best_epoch", [run["best_epoch"] for run in runs]),
         ):
             row[column], row[f"{column}_std"] = mean_std(values)
+        row["units"] = _mean_units(runs)
         rows.append(row)
     baseline = next((row for row in rows if row["k"] == 0), None)
     for row in rows:
@@ -113,6 +114,20 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                                    if has_baseline and row["backward_s"] > 0 else None)
         row["test_delta"] = row["test_acc"] - baseline["test_acc"] if has_baseline else None
     return rows
+
+
+def _mean_units(runs: Sequence[dict[str, Any]]) -> list[float]:
+    """Mean hidden units per layer over the runs: meSimp's units at the best dev epoch, else ``d_hidden``."""
+    per_run = [run.get("simplify", {}).get("units_at_best")
+               or [run["config"]["d_hidden"]] * (run["config"]["n_layer"] - 1) for run in runs]
+    return [statistics.fmean(layer) for layer in zip(*per_run)]
+
+
+def format_units(units: Sequence[float], d_hidden: int) -> str:
+    """``164 / 161 (33%)``: hidden units per layer and their average as a share of ``d_hidden``."""
+    if not units:
+        return ""
+    return " / ".join(f"{u:.0f}" for u in units) + f" ({100 * statistics.fmean(units) / d_hidden:.0f}%)"
 
 
 def format_mean_std(mean: float, std: float, runs: int, digits: int = 2) -> str:
@@ -146,24 +161,32 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
     return lines
 
 
-def format_table(rows: Sequence[dict[str, Any]], fmt: str = "github") -> str:
-    """The paper-style table as text (``github`` Markdown by default)."""
-    return tabulate(table_rows(rows), headers=TABLE_HEADERS, tablefmt=fmt, disable_numparse=True)
+def format_table(rows: Sequence[dict[str, Any]], fmt: str = "github", d_hidden: int | None = None) -> str:
+    """The paper-style table as text (``github`` Markdown by default); with meSimp rows and
+    ``d_hidden``, a column of hidden units per layer (and % of ``d_hidden``) is added."""
+    lines, headers = table_rows(rows), TABLE_HEADERS
+    if d_hidden and any("meSimp" in row["method"] for row in rows):
+        headers = TABLE_HEADERS[:2] + ["hidden units"] + TABLE_HEADERS[2:]
+        lines = [line[:2] + [format_units(row["units"], d_hidden)] + line[2:] for line, row in zip(lines, rows)]
+    return tabulate(lines, headers=headers, tablefmt=fmt, disable_numparse=True)
 
 
-CSV_COLUMNS = ["method", "k", "runs", "seeds", "linear_backward_s", "linear_backward_s_std",
+CSV_COLUMNS = ["method", "k", "units", "runs", "seeds", "linear_backward_s", "linear_backward_s_std",
                "linear_backward_speedup", "backward_s", "backward_s_std", "backward_speedup", "train_s",
                "train_s_std", "best_dev_acc", "best_dev_acc_std", "test_acc", "test_acc_std", "test_delta",
                "best_epoch", "best_epoch_std"]
 
 
-def write_tables(out_dir: Path, rows: Sequence[dict[str, Any]], heading: str, notes: Sequence[str] = ()) -> None:
+def write_tables(out_dir: Path, rows: Sequence[dict[str, Any]], heading: str, notes: Sequence[str] = (),
+                 d_hidden: int | None = None) -> None:
     """Write ``table.md`` (heading, Markdown table, notes) and ``table.csv`` (raw numbers) to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tail = "".join(f"\n{note}\n" for note in notes)
-    (out_dir / "table.md").write_text(f"{heading}\n\n{format_table(rows)}\n{tail}", encoding="utf-8")
+    (out_dir / "table.md").write_text(f"{heading}\n\n{format_table(rows, d_hidden=d_hidden)}\n{tail}",
+                                      encoding="utf-8")
     with open(out_dir / "table.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "seeds": " ".join(str(seed) for seed in row["seeds"])})
+            writer.writerow({**row, "seeds": " ".join(str(seed) for seed in row["seeds"]),
+                             "units": " ".join(f"{u:g}" for u in row["units"])})

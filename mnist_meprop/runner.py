@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import Config, resolve_device
 from .data import Splits, load_data
+from .ops import is_meprop_active
 from .log import to_stderr
 from .results import make_record
 from .store import (append_record, checkpoint_path, claim_run, latest_by_key, model_path, read_records,
@@ -26,9 +27,14 @@ Log = Callable[[str], None]
 
 
 def sweep_configs(base: Config, ks: Iterable[int], seeds: Iterable[int]) -> list[Config]:
-    """One config per (seed, k), seeds outermost, so each seed's full k row finishes together."""
+    """One config per (seed, k), seeds outermost, so each seed's full k row finishes together.
+
+    A k that turns meProp off (0, or >= d_hidden) is the plain backprop baseline, so it runs
+    without meSimp's simplification even when ``base`` has it.
+    """
     ks = list(ks)
-    return [base.replace(k=k, seed=seed) for seed in seeds for k in ks]
+    return [base.replace(k=k, seed=seed, **({} if is_meprop_active(k, base.d_hidden) else {"simplify": {}}))
+            for seed in seeds for k in ks]
 
 
 @contextmanager

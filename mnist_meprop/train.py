@@ -29,11 +29,13 @@ EVAL_BATCH = 2000
 
 
 def method_name(config: Config) -> str:
-    """``dense`` when no hidden layer sparsifies its gradient, else e.g. ``meProp per-example top-k``."""
+    """``dense`` when no hidden layer sparsifies its gradient, else e.g. ``meProp per-example top-k``
+    (``meSimp ...`` when the hidden layers are simplified)."""
     if config.n_layer < 2 or not is_meprop_active(config.k, config.d_hidden):
         return "dense"
     mode = "unified" if config.unified else "per-example"
-    return f"meProp {mode} {'top-k' if config.selection == 'topk' else 'random-k'}"
+    method = "meSimp" if config.simplify.enabled else "meProp"
+    return f"{method} {mode} {'top-k' if config.selection == 'topk' else 'random-k'}"
 
 
 @torch.no_grad()
