@@ -370,11 +370,19 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
 
 
 def _with_eta(log: Callable[[str], None], total: int, started: float) -> Callable[[str], None]:
-    """Adds elapsed time and an estimate of the time left to each "run i/n done" line."""
+    """Adds elapsed time and an estimate of the time left to each "run i/n done" line: the mean
+    time of the runs trained here so far, times the runs not yet finished (stored runs cost nothing)."""
+    finished = trained = 0
+
     def wrapped(line: str) -> None:
-        if line.startswith("run ") and " done:" in line:
-            done = int(line.split()[1].split("/")[0])
-            elapsed = time.monotonic() - started
-            line += f" [{elapsed / 60:.1f} min elapsed, about {elapsed / done * (total - done) / 60:.1f} min left]"
+        nonlocal finished, trained
+        if line.startswith("run ") and (" done:" in line or " FAILED:" in line or "skipped" in line
+                                        or "stored by another process" in line):
+            finished += 1
+            if " done:" in line or " FAILED:" in line:
+                trained += 1
+                elapsed = time.monotonic() - started
+                left = elapsed / trained * max(0, total - finished)
+                line += f" [{elapsed / 60:.1f} min elapsed, about {left / 60:.1f} min left]"
         log(line)
     return wrapped
