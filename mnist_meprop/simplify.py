@@ -86,7 +86,7 @@ class Simplifier:
                  units: list[torch.Tensor] | None = None) -> None:
         self.model = model
         self.settings = settings
-        self.hidden = [layer for layer in linear_layers(model)[:-1]]
+        self.hidden = linear_layers(model)[:-1]
         if not all(isinstance(layer, MePropLinear) for layer in self.hidden):
             raise ValueError("meSimp needs MePropLinear hidden layers")
         self.units = units or [torch.arange(layer.out_features) for layer in self.hidden]
@@ -124,7 +124,3 @@ class Simplifier:
         units = self.active_units()
         self.prunes.append({"epoch": epoch, "step": step, "units": units})
         return units
-
-    def stop(self) -> None:
-        for layer in self.hidden:
-            layer.counter = None
