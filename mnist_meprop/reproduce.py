@@ -23,9 +23,11 @@ from .bench import D_INPUT, N_CLASSES, flop_limit
 from .config import Config, validate
 from .errors import ConfigError
 from .log import to_stderr
-from .results import environment, format_mean_std, mean_std
+from .data import load_data
+from .export import compact_model, inference_ms, load_trained, masked_full_model
+from .results import environment, format_mean_std, mean_std, mean_units
 from .runner import run_experiments
-from .store import run_key
+from .store import model_path, run_key
 
 TABLES = ("1", "2", "3", "4", "5", "6", "fig4", "mesimp")
 # --quick: a few hundred examples, one epoch; enough to exercise every table and plot.
@@ -189,9 +191,7 @@ def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, A
         if not records:
             cells.append([row.label, "0", _opt_int(paper_units), "", "", _opt(paper_test), "failed", "", ""])
             continue
-        per_layer = [r.get("simplify", {}).get("units_at_best") or [r["config"]["d_hidden"]] * (r["config"]["n_layer"] - 1)
-                     for r in records]
-        layer_means = [statistics.fmean(column) for column in zip(*per_layer)]
+        layer_means = mean_units(records)
         average = statistics.fmean(layer_means)
         mean, std = mean_std([r["test_acc"] for r in records])
         speedups = [inference_speedup(runs_dir, r) for r in records if r.get("simplify")]
@@ -205,10 +205,6 @@ def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, A
 
 def inference_speedup(runs_dir: Path, record: dict[str, Any]) -> float | None:
     """Full-size masked model's test-set inference time over the compact model's (None without a saved model)."""
-    from .data import load_data
-    from .export import compact_model, inference_ms, load_trained, masked_full_model
-    from .store import model_path
-
     if not model_path(runs_dir, record["key"]).exists():
         return None
     config, trained, units = load_trained(runs_dir, record)

@@ -103,7 +103,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             ("best_epoch", [run["best_epoch"] for run in runs]),
         ):
             row[column], row[f"{column}_std"] = mean_std(values)
-        row["units"] = _mean_units(runs)
+        row["units"] = mean_units(runs)
         rows.append(row)
     baseline = next((row for row in rows if row["k"] == 0), None)
     for row in rows:
@@ -116,7 +116,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _mean_units(runs: Sequence[dict[str, Any]]) -> list[float]:
+def mean_units(runs: Sequence[dict[str, Any]]) -> list[float]:
     """Mean hidden units per layer over the runs: meSimp's units at the best dev epoch, else ``d_hidden``."""
     per_run = [run.get("simplify", {}).get("units_at_best")
                or [run["config"]["d_hidden"]] * (run["config"]["n_layer"] - 1) for run in runs]

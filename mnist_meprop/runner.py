@@ -16,8 +16,8 @@ from typing import Any
 
 from .config import Config, resolve_device
 from .data import Splits, load_data
-from .ops import is_meprop_active
 from .log import to_stderr
+from .ops import is_meprop_active
 from .results import make_record
 from .store import (append_record, checkpoint_path, claim_run, latest_by_key, model_path, read_records,
                     remove_checkpoint, run_key)
@@ -122,7 +122,6 @@ def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = 
         if should_stop is not None and should_stop():
             raise RunInterrupted(0)
         time.sleep(poll_seconds)
-        stored.update(latest_by_key(read_records(out_dir, log)))
         for number in list(busy):
             record = obtain(number, configs[number - 1])
             if record is not None:

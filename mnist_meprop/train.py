@@ -194,11 +194,11 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
             _, test_acc = evaluate(model, data.test_x, data.test_y)
             result.best_dev_acc, result.test_acc, result.best_epoch = dev_acc, test_acc, epoch
             result.units_at_best = units
-            if model_file is not None:
-                save_checkpoint(model_file, {"config": config.to_dict(), "model": model.state_dict(), "epoch": epoch,
-                                             "units": simplifier.units if simplifier is not None else None,
-                                             "n_features": data.n_features, "n_classes": data.n_classes})
         timings["eval"] += clock() - eval_start
+        if model_file is not None and result.best_epoch == epoch:
+            save_checkpoint(model_file, {"config": config.to_dict(), "model": model.state_dict(), "epoch": epoch,
+                                         "units": simplifier.units if simplifier is not None else None,
+                                         "n_features": data.n_features, "n_classes": data.n_classes})
         result.epochs.append({
             "epoch": epoch, "train_loss": loss_sum / n_train, "train_acc": 100.0 * correct / n_train,
             "dev_loss": dev_loss, "dev_acc": dev_acc, "test_acc": test_acc,
