@@ -204,13 +204,12 @@ def export_command(run_dir: str, key: str | None, out: str, threads: int | None,
         summary = export_run(Path(run_dir), Path(out), key, repeats, threads)
     except MePropError as error:
         _fail(error)
-    speedup = summary.full_ms / summary.compact_ms
     click.echo(f"wrote {summary.path}: layer sizes {summary.sizes} (full size {summary.full_sizes})\n"
                f"test-set predictions ({summary.test_examples} examples): compact = trained model: "
                f"{'identical' if summary.predictions_equal else 'DIFFERENT'}; full-size masked = trained model: "
                f"{'identical' if summary.full_predictions_equal else 'DIFFERENT'}\n"
                f"inference over the test set, median of {repeats}, {summary.threads} threads: compact "
-               f"{summary.compact_ms:.2f} ms, full-size {summary.full_ms:.2f} ms ({speedup:.2f}x)\n"
+               f"{summary.compact_ms:.2f} ms, full-size {summary.full_ms:.2f} ms ({summary.speedup:.2f}x)\n"
                f"load it with plain torch: torch.load({str(summary.path)!r}, weights_only=False)['model']")
     if not (summary.predictions_equal and summary.full_predictions_equal):
         sys.exit(EXIT_RUN_FAILED)

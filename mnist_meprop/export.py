@@ -29,11 +29,17 @@ from .store import latest_by_key, model_path, read_records
 
 
 @dataclass
-class ExportSummary:
-    """What ``export_run`` wrote and measured; times are medians in milliseconds over the test set."""
+class ModelComparison:
+    """A run's compact model checked and timed against the trained and the full-size masked model.
 
-    key: str
-    path: Path
+    Times are medians in milliseconds of one forward over the test set; ``path`` is where
+    ``export_run`` wrote the compact model.
+    """
+
+    record: dict[str, Any]
+    config: Config
+    units: list[torch.Tensor] | None
+    compact: nn.Sequential
     sizes: list[int]
     full_sizes: list[int]
     test_examples: int
@@ -42,6 +48,11 @@ class ExportSummary:
     compact_ms: float
     full_ms: float
     threads: int
+    path: Path | None = None
+
+    @property
+    def speedup(self) -> float:
+        return self.full_ms / self.compact_ms
 
 
 def find_run(run_dir: Path, key: str | None = None) -> dict[str, Any]:
@@ -132,8 +143,24 @@ def _sizes(model: nn.Module) -> list[int]:
     return [layers[0].in_features] + [layer.out_features for layer in layers]
 
 
+def compare_models(run_dir: Path, record: dict[str, Any], repeats: int) -> ModelComparison:
+    """Build the run's compact and full-size masked models, check their test-set predictions
+    against the trained model's and time both."""
+    config, trained, units = load_trained(run_dir, record)
+    compact = compact_model(trained)
+    full = masked_full_model(trained, units, config.d_hidden)
+    test_x = load_data(config).test_x
+    with torch.inference_mode():
+        reference = trained(test_x).argmax(dim=1)
+        same = bool((compact(test_x).argmax(dim=1) == reference).all())
+        same_full = bool((full(test_x).argmax(dim=1) == reference).all())
+    return ModelComparison(record, config, units, compact, _sizes(compact), _sizes(full), len(test_x), same, same_full,
+                           inference_ms(compact, test_x, repeats), inference_ms(full, test_x, repeats),
+                           torch.get_num_threads())
+
+
 def export_run(run_dir: Path, out: Path, key: str | None = None, repeats: int = 20, threads: int | None = None,
-               log: Callable[[str], None] | None = None) -> ExportSummary:
+               log: Callable[[str], None] | None = None) -> ModelComparison:
     """Write the run's best-dev model as a compact ``nn.Sequential`` to ``out``; check and time it.
 
     The file holds ``{"model": nn.Sequential, "sizes": [...], "units": [...], "config": {...}}``;
@@ -143,20 +170,11 @@ def export_run(run_dir: Path, out: Path, key: str | None = None, repeats: int = 
     if threads is not None:
         torch.set_num_threads(threads)
     record = find_run(run_dir, key)
-    config, trained, units = load_trained(run_dir, record)
-    compact = compact_model(trained)
-    full = masked_full_model(trained, units, config.d_hidden)
-    test_x = load_data(config).test_x
-    with torch.inference_mode():
-        reference = trained(test_x).argmax(dim=1)
-        same = bool((compact(test_x).argmax(dim=1) == reference).all())
-        same_full = bool((full(test_x).argmax(dim=1) == reference).all())
+    comparison = compare_models(run_dir, record, repeats)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": compact, "sizes": _sizes(compact), "units": units, "config": config.to_dict(),
-                "test_acc": record["test_acc"]}, out)
+    torch.save({"model": comparison.compact, "sizes": comparison.sizes, "units": comparison.units,
+                "config": comparison.config.to_dict(), "test_acc": record["test_acc"]}, out)
+    comparison.path = out
     log(f"export: run {record['key']} ({record['method']}, k={record['k']}, seed={record['seed']}), "
         f"test {record['test_acc']:.2f}%")
-    summary = ExportSummary(record["key"], out, _sizes(compact), _sizes(full), len(test_x), same, same_full,
-                            inference_ms(compact, test_x, repeats), inference_ms(full, test_x, repeats),
-                            torch.get_num_threads())
-    return summary
+    return comparison

@@ -22,9 +22,8 @@ import yaml
 from .bench import D_INPUT, N_CLASSES, flop_limit
 from .config import Config, validate
 from .errors import ConfigError
+from .export import compare_models
 from .log import to_stderr
-from .data import load_data
-from .export import compact_model, inference_ms, load_trained, masked_full_model
 from .results import environment, format_mean_std, mean_std, mean_units
 from .runner import run_experiments
 from .store import model_path, run_key
@@ -207,10 +206,7 @@ def inference_speedup(runs_dir: Path, record: dict[str, Any]) -> float | None:
     """Full-size masked model's test-set inference time over the compact model's (None without a saved model)."""
     if not model_path(runs_dir, record["key"]).exists():
         return None
-    config, trained, units = load_trained(runs_dir, record)
-    test_x = load_data(config).test_x
-    compact, full = compact_model(trained), masked_full_model(trained, units, config.d_hidden)
-    return inference_ms(full, test_x, 10) / inference_ms(compact, test_x, 10)
+    return compare_models(runs_dir, record, repeats=10).speedup
 
 
 def _opt_int(value: float | None) -> str:
