@@ -88,12 +88,20 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
 
 
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    return next((path for path in (folder / stem, folder / f"{stem}.gz") if path.is_file()), None)
+
+
+def has_idx_files(folder: Path) -> bool:
+    """True when ``folder`` holds the four standard IDX files, each plain or ``.gz``."""
+    return all(_idx_file(folder, stem) is not None for stem in IDX_FILES.values())
+
+
 def find_idx_files(folder: Path) -> dict[str, Path]:
     """The four standard IDX files in ``folder``, each plain or ``.gz``."""
     found = {}
     for role, stem in IDX_FILES.items():
-        candidates = [folder / stem, folder / f"{stem}.gz"]
-        path = next((p for p in candidates if p.is_file()), None)
+        path = _idx_file(folder, stem)
         if path is None:
             raise DatasetError(f"{folder}: missing {stem} (or {stem}.gz); "
                                f"the folder needs the four files {', '.join(IDX_FILES.values())}")
@@ -130,6 +138,14 @@ def ensure_writable(folder: Path) -> None:
                            "choose another data_dir") from None
 
 
+TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+def torchvision_raw_folder(dataset: str, root: Path) -> Path:
+    """Where torchvision keeps ``dataset``'s IDX files under ``root`` (``<root>/MNIST/raw``)."""
+    return root / TORCHVISION_FOLDERS[dataset] / "raw"
+
+
 def download_torchvision(dataset: str, root: Path) -> tuple[torch.Tensor, ...]:
     """MNIST or Fashion-MNIST through torchvision: the files already in ``root`` if complete,
     else a download into ``root``."""
@@ -146,7 +162,7 @@ def download_torchvision(dataset: str, root: Path) -> tuple[torch.Tensor, ...]:
         train = cls(str(root), train=True, download=True)
         test = cls(str(root), train=False, download=True)
     except (RuntimeError, OSError, ValueError) as error:
-        raw_folder = root / cls.__name__ / "raw"
+        raw_folder = torchvision_raw_folder(dataset, root)
         names = ", ".join(IDX_FILES.values())
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DatasetError(f"could not download {dataset} into {root} ({reason}); put the four IDX files "
@@ -166,6 +182,9 @@ def load_raw(config: Config) -> tuple[tuple[torch.Tensor, ...], str]:
             raise DatasetError(f"data_dir {folder}: not a folder")
         return load_idx_folder(folder), f"IDX files in {folder}"
     root = Path(config.data_dir or "data")
+    raw = torchvision_raw_folder(config.dataset, root)
+    if has_idx_files(raw):  # offline: the IDX files where torchvision keeps them, gzipped or not
+        return load_idx_folder(raw), f"{config.dataset} IDX files in {raw}"
     return download_torchvision(config.dataset, root), f"torchvision {config.dataset} in {root}"
 
 

@@ -84,16 +84,20 @@ def test_idx_dataset_rejects_count_mismatch(tmp_path, sample_arrays):
         load_data(Config(dataset="idx", data_dir=str(folder), dev_size=5))
 
 
+@pytest.mark.parametrize("gz", [False, True])
 @pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
 def test_torchvision_path_uses_files_where_torchvision_looks(tmp_path, sample_arrays, monkeypatch,
-                                                             dataset, folder):
-    # Any download attempt would go to a closed local port and fail: the files must be used as they are.
+                                                             dataset, folder, gz):
+    # Any download attempt would go to a closed local port and fail: the files must be used as they are,
+    # gzipped too (torchvision itself only accepts them uncompressed).
     cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
     monkeypatch.setattr(cls, "mirrors", ["http://127.0.0.1:9/"])
-    write_idx_folder(tmp_path / folder / "raw", sample_arrays, gz=False)
+    write_idx_folder(tmp_path / folder / "raw", sample_arrays, gz=gz)
     splits = load_data(Config(dataset=dataset, data_dir=str(tmp_path), dev_size=1000))
     assert splits.sizes() == {"train": 7000, "dev": 1000, "test": 2000}
     assert torch.equal(splits.test_y, sample_arrays[3].long())
+    assert torch.equal(splits.dev_x, sample_arrays[0][:1000].reshape(1000, -1).float() / 255)
+    assert str(tmp_path / folder / "raw") in splits.source
 
 
 def test_failed_download_says_where_to_put_the_files(tmp_path, monkeypatch):
