@@ -20,6 +20,20 @@ DATASETS = ("sample", "mnist", "fashion-mnist", "idx")
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 SELECTIONS = ("topk", "random")
 DEVICES = ("cpu", "cuda", "auto")
+INITS = ("torch", "authors-csharp", "authors-pytorch")
+LOSS_REDUCTIONS = ("mean", "sum")
+BIAS_GRADS = ("masked", "full")
+ADAGRAD_EPS = ("outside", "inside")
+# The authors' implementation details (see ../docs and the README): each preset sets these keys;
+# keys given explicitly in the same config override the preset's value.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Their C# program (the paper's CPU experiments and meSimp).
+    "authors-csharp": {"init": "authors-csharp", "loss_reduction": "sum", "grad_clip": 5.0, "bias_grad": "full",
+                       "adagrad_eps": "inside", "evals_per_epoch": 8},
+    # Their PyTorch code (the GPU experiments, Table 6).
+    "authors-pytorch": {"init": "authors-pytorch", "loss_reduction": "mean", "grad_clip": None,
+                        "bias_grad": "full", "adagrad_eps": "outside", "evals_per_epoch": 1},
+}
 # The paper's learning rates (Adam's defaults; AdaGrad 0.1 for MNIST); sgd has no paper value.
 DEFAULT_LR = {"adam": 0.001, "adagrad": 0.1, "sgd": 0.1}
 
@@ -60,13 +74,25 @@ class Config:
     threads: int | None = None
     device: str = "cpu"
     simplify: Simplify = Simplify()
+    # The authors' implementation details; the defaults are plain PyTorch.
+    preset: str | None = None  # a label: the keys below hold its resolved values
+    init: str = "torch"
+    loss_reduction: str = "mean"
+    grad_clip: float | None = None
+    bias_grad: str = "masked"
+    adagrad_eps: str = "outside"
+    evals_per_epoch: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> Config:
-        """A validated copy with some keys changed."""
-        return validate({**self.to_dict(), **changes})
+        """A validated copy with some keys changed; a new ``preset`` resets the keys it sets
+        (unless they are among ``changes``)."""
+        current = self.to_dict()
+        if changes.get("preset") is not None:
+            current = {key: value for key, value in current.items() if key not in PRESETS[str(changes["preset"])]}
+        return validate({**current, **changes})
 
 
 def _at_least(low: int | float) -> Callable[[Any], str | None]:
@@ -105,6 +131,13 @@ _RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]] = {
     "threads": (int, True, _at_least(1)),
     "device": (str, False, _one_of(DEVICES)),
     "simplify": (dict, False, None),
+    "preset": (str, True, _one_of(PRESETS)),
+    "init": (str, False, _one_of(INITS)),
+    "loss_reduction": (str, False, _one_of(LOSS_REDUCTIONS)),
+    "grad_clip": (float, True, lambda v: None if v > 0 else "must be > 0 (or null for no clipping)"),
+    "bias_grad": (str, False, _one_of(BIAS_GRADS)),
+    "adagrad_eps": (str, False, _one_of(ADAGRAD_EPS)),
+    "evals_per_epoch": (int, False, _at_least(1)),
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(Config)}
 
@@ -150,7 +183,13 @@ def _validate_simplify(value: dict[str, Any]) -> Simplify:
 
 
 def validate(raw: dict[str, Any]) -> Config:
-    """Check every key and value of ``raw`` and build the ``Config``; fills ``lr`` from the optimizer."""
+    """Check every key and value of ``raw`` and build the ``Config``; fills ``lr`` from the optimizer.
+
+    A ``preset`` fills the keys it names that ``raw`` does not give.
+    """
+    if "preset" in raw and raw["preset"] is not None:
+        preset = _check_value("preset", raw["preset"])
+        raw = {**PRESETS[preset], **raw}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in _RULES:

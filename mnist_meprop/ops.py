@@ -20,6 +20,7 @@ from torch.autograd.function import once_differentiable
 from .kernels import cpu_kernels
 
 SELECTIONS = ("topk", "random")
+BIAS_GRADS = ("masked", "full")
 
 
 class LinearBackwardClock:
@@ -95,10 +96,11 @@ def select_indices(dy: torch.Tensor, k: int, unified: bool, selection: str) -> t
 
 class _MePropLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, k, unified, selection, sparse_grad, counter):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, k, unified, selection, sparse_grad, counter, full_bias):  # type: ignore[override]
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.save_for_backward(x if needs_dw else None, weight if needs_dx else None)
         ctx.k, ctx.unified, ctx.selection, ctx.counter = k, unified, selection, counter
+        ctx.full_bias = full_bias
         # Row-sparse gradients are written straight into .grad (see meprop_linear's docstring).
         ctx.sparse_params = (weight, bias) if sparse_grad and is_meprop_active(k, weight.shape[0]) else None
         ctx.has_bias = bias is not None
@@ -120,16 +122,17 @@ class _MePropLinearFunction(torch.autograd.Function):
         if is_meprop_active(ctx.k, out_features):
             dx, rows, w_values, b_values = _row_sparse_backward(
                 dy2, x2, weight, ctx.k, ctx.unified, ctx.selection, needs_dx, needs_dw, ctx.counter)
+            full_db = dy2.sum(dim=0) if needs_db and ctx.full_bias else None
             if ctx.sparse_params is not None:
                 weight_param, bias_param = ctx.sparse_params
                 if needs_dw:
                     _accumulate_sparse(weight_param, rows, w_values)
-                if needs_db:
+                if needs_db and not ctx.full_bias:
                     _accumulate_sparse(bias_param, rows, b_values)
-                dw = db = None
+                dw, db = None, full_db
             else:
                 dw = values_to_dense(rows, w_values, ctx.weight_shape) if needs_dw else None
-                db = values_to_dense(rows, b_values, (out_features,)) if needs_db else None
+                db = full_db if ctx.full_bias else (values_to_dense(rows, b_values, (out_features,)) if needs_db else None)
         else:
             dx = dy2.mm(weight) if needs_dx else None
             dw = dy2.t().mm(x2) if needs_dw else None
@@ -140,7 +143,7 @@ class _MePropLinearFunction(torch.autograd.Function):
             if dy.is_cuda:
                 torch.cuda.synchronize(dy.device)
             clock.seconds += time.perf_counter() - start
-        return dx, dw, (db if ctx.has_bias else None), None, None, None, None, None
+        return dx, dw, (db if ctx.has_bias else None), None, None, None, None, None, None
 
 
 def values_to_dense(rows: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
@@ -210,6 +213,7 @@ def meprop_linear(
     selection: str = "topk",
     sparse_grad: bool = False,
     counter: TopkCounter | None = None,
+    bias_grad: str = "masked",
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` whose backward keeps only ``k`` entries of ``dy``.
 
@@ -222,9 +226,10 @@ def meprop_linear(
     :func:`time_linear_backward`, where it runs the same timed path as meProp).
 
     The gradients of ``x``, ``weight`` *and* ``bias`` are the dense gradients of the
-    masked ``dy``: the bias, too, uses the masked ``dy``, so only the ``k`` selected rows
-    of ``[weight | bias]`` receive a gradient. (The paper's original GPU code used the full
-    ``dy`` for the bias; the masked one keeps the update row-sparse.)
+    masked ``dy``: with ``bias_grad="masked"`` (the default) the bias, too, uses the masked
+    ``dy``, so only the ``k`` selected rows of ``[weight | bias]`` receive a gradient and the
+    update stays row-sparse. ``bias_grad="full"`` is what both of the authors' programs do: top-k
+    applies to the matmul only and the bias gets the full ``dy`` (a dense bias gradient).
 
     ``sparse_grad=True`` gives ``weight`` and ``bias`` sparse COO gradients holding just the
     selected rows, so the backward does no ``out x in`` work; use it with an optimizer that
@@ -239,10 +244,12 @@ def meprop_linear(
     """
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if bias_grad not in BIAS_GRADS:
+        raise ValueError(f"bias_grad must be one of {BIAS_GRADS}, got {bias_grad!r}")
     active = is_meprop_active(int(k), weight.shape[0])
     if counter is not None and not active and torch.is_grad_enabled():
         counter.record_all(x.numel() // x.shape[-1])
     if _active_clock is None and not active:
         return F.linear(x, weight, bias)  # plain backprop: torch's own path, as fast as nn.Linear
     return _MePropLinearFunction.apply(x, weight, bias, int(k), bool(unified), selection, bool(sparse_grad),
-                                       counter)
+                                       counter, bias_grad == "full")

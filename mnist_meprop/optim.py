@@ -10,6 +10,10 @@ updates only the rows that got a gradient:
   when it gets a gradient. In dense Adam, a row with zero gradient keeps moving on its decaying
   first moment and its moments decay; here it neither moves nor decays. The bias correction
   uses the optimizer's global step, as SparseAdam does.
+
+Two of the authors' details live here too: ``adagrad_eps: inside`` (their C# AdaGrad,
+``w -= lr * g / sqrt(G + eps)``, instead of torch's ``lr * g / (sqrt(G) + eps)``) and
+``grad_clip`` (every gradient element clipped to ``±grad_clip`` before the update).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from torch import nn
 from .config import Config
 from .kernels import cpu_kernels
 from .layers import MePropLinear
+
+ADAM_EPS, ADAGRAD_EPS = 1e-8, 1e-6  # the paper's values
 
 
 def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,10 +54,14 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[torch.Tensor], kind: str, lr: float, betas=(0.9, 0.999),
-                 eps: float | None = None) -> None:
+                 eps: float | None = None, adagrad_eps_inside: bool = False) -> None:
         if kind not in ("adam", "adagrad", "sgd"):
             raise ValueError(f"kind must be adam, adagrad or sgd, got {kind!r}")
-        eps = eps if eps is not None else (1e-8 if kind == "adam" else 1e-6)
+        eps = eps if eps is not None else (ADAM_EPS if kind == "adam" else ADAGRAD_EPS)
+        # eps inside the root: the sum of squares starts at eps and nothing is added outside.
+        self.initial_sum = eps if kind == "adagrad" and adagrad_eps_inside else 0.0
+        if self.initial_sum:
+            eps = 0.0
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
         self.kind = kind
 
@@ -82,7 +92,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                         _adam_rows(param, state, rows, values, group["lr"], beta1, beta2, group["eps"])
                 else:
                     if not state:
-                        state["sum"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+                        state["sum"] = torch.full_like(param, self.initial_sum, memory_format=torch.contiguous_format)
                     if kernels is not None:
                         kernels.adagrad_rows(param, state["sum"], rows, values, group["lr"], group["eps"])
                     else:
@@ -106,27 +116,57 @@ def _adagrad_rows(param, state_sum, rows, values, lr, eps):
     param.index_add_(0, rows, values / sums.sqrt().add_(eps), alpha=-lr)
 
 
-def stock_optimizer(kind: str, params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    """Torch's own Adam (paper: betas 0.9/0.999, eps 1e-8; fused where available), AdaGrad (eps 1e-6) or SGD."""
+def stock_optimizer(kind: str, params: Iterable[torch.Tensor], lr: float,
+                    adagrad_eps_inside: bool = False) -> torch.optim.Optimizer:
+    """Torch's own Adam (paper: betas 0.9/0.999, eps 1e-8; fused where available), AdaGrad (eps 1e-6) or SGD.
+
+    ``adagrad_eps_inside`` gives the C# AdaGrad ``w -= lr * g / sqrt(G + eps)``: torch's AdaGrad
+    with the sum of squares starting at eps and no eps added to its root.
+    """
     params = list(params)
     if kind == "adam":
         try:
-            return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+            return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=ADAM_EPS, fused=True)
         except (RuntimeError, TypeError, ValueError):
-            return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+            return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=ADAM_EPS)
     if kind == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, eps=1e-6)
+        if adagrad_eps_inside:
+            return torch.optim.Adagrad(params, lr=lr, eps=0.0, initial_accumulator_value=ADAGRAD_EPS)
+        return torch.optim.Adagrad(params, lr=lr, eps=ADAGRAD_EPS)
     return torch.optim.SGD(params, lr=lr)
 
 
-class OptimizerGroup:
-    """Several optimizers stepped together; sparse gradients of ``densify`` params are made dense first."""
+@torch.no_grad()
+def clip_gradient_elements(params: Iterable[torch.Tensor], bound: float) -> None:
+    """Clamp every element of every gradient (dense or sparse COO) to ``[-bound, bound]``, in place."""
+    for param in params:
+        grad = param.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            if not grad.is_coalesced():  # duplicate rows are summed first: the clip applies to the total
+                grad = param.grad = grad.coalesce()
+            grad._values().clamp_(-bound, bound)
+        else:
+            grad.clamp_(-bound, bound)
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer], densify: list[torch.Tensor]) -> None:
+
+class OptimizerGroup:
+    """Several optimizers stepped together; gradients are clipped elementwise (with ``grad_clip``)
+    and sparse gradients of ``densify`` params made dense first."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer], densify: list[torch.Tensor],
+                 grad_clip: float | None = None) -> None:
         self.optimizers = optimizers
         self.densify = densify
+        self.grad_clip = grad_clip
+
+    def params(self) -> list[torch.Tensor]:
+        return [param for optimizer in self.optimizers for group in optimizer.param_groups for param in group["params"]]
 
     def step(self) -> None:
+        if self.grad_clip is not None:
+            clip_gradient_elements(self.params(), self.grad_clip)
         for param in self.densify:
             if param.grad is not None and param.grad.is_sparse:
                 param.grad = param.grad.to_dense()
@@ -162,9 +202,11 @@ def build_optimizer(config: Config, model: nn.Module) -> OptimizerGroup:
     sparse = sparse_grad_params(model)
     sparse_ids = {id(param) for param in sparse}
     dense = [param for param in model.parameters() if id(param) not in sparse_ids]
+    eps_inside = config.adagrad_eps == "inside"
     if not config.sparse_update or not sparse:
-        return OptimizerGroup([stock_optimizer(config.optimizer, dense + sparse, config.lr)], densify=sparse)
-    optimizers = [RowSparseOptimizer(sparse, config.optimizer, config.lr)]
+        return OptimizerGroup([stock_optimizer(config.optimizer, dense + sparse, config.lr, eps_inside)],
+                              densify=sparse, grad_clip=config.grad_clip)
+    optimizers = [RowSparseOptimizer(sparse, config.optimizer, config.lr, adagrad_eps_inside=eps_inside)]
     if dense:
-        optimizers.insert(0, stock_optimizer(config.optimizer, dense, config.lr))
-    return OptimizerGroup(optimizers, densify=[])
+        optimizers.insert(0, stock_optimizer(config.optimizer, dense, config.lr, eps_inside))
+    return OptimizerGroup(optimizers, densify=[], grad_clip=config.grad_clip)

@@ -155,7 +155,7 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
             row["method"], str(row["k"]), linear, backward,
             format_mean_std(row["train_s"], row["train_s_std"], n, 2),
             format_mean_std(row["best_dev_acc"], row["best_dev_acc_std"], n, 2), test,
-            format_mean_std(row["best_epoch"], row["best_epoch_std"], n, 1 if n > 1 else 0),
+            format_mean_std(row["best_epoch"], row["best_epoch_std"], n, 1) if n > 1 else f"{row['best_epoch']:g}",
             ",".join(str(seed) for seed in row["seeds"]),
         ])
     return lines

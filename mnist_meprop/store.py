@@ -41,12 +41,13 @@ _DEFAULTS = Config().to_dict()
 def run_key(config: Config) -> str:
     """A stable hash of the resolved settings (seed included): the identity of a run.
 
-    ``name`` only labels the output, so it is left out: the same settings under two names
-    are one run. Settings at their default value are left out too, so adding a new option
-    (with a default that keeps the old behaviour) does not change existing keys.
+    ``name`` only labels the output, and ``preset`` only names where the settings came from
+    (they are in the config, resolved), so both are left out: the same settings under two
+    names are one run. Settings at their default value are left out too, so adding a new
+    option (with a default that keeps the old behaviour) does not change existing keys.
     """
     settings = {key: value for key, value in config.to_dict().items()
-                if key != "name" and value != _DEFAULTS[key]}
+                if key not in ("name", "preset") and value != _DEFAULTS[key]}
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 

@@ -11,21 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, resolve_device
 from .data import Splits, iterate_minibatches
 from .kernels import cpu_kernels
 from .log import to_stderr
-from .model import build_model
-from .optim import build_optimizer
+from .optim import OptimizerGroup, build_optimizer
 from .ops import is_meprop_active, time_linear_backward
 from .simplify import Simplifier, shrink_to
 from .store import load_checkpoint, save_checkpoint
+from .task import MNIST, Task
 
 PHASES = ("forward", "backward", "linear_backward", "update", "train", "eval", "total")
-EVAL_BATCH = 2000
+LOSS_PARTS = 8  # the training loss is recorded per 1/8 epoch, the authors' C# logging grain
 
 
 def method_name(config: Config) -> str:
@@ -38,26 +37,13 @@ def method_name(config: Config) -> str:
     return f"{method} {mode} {'top-k' if config.selection == 'topk' else 'random-k'}"
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (%) of ``model`` on ``x, y``, in eval mode."""
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(x), EVAL_BATCH):
-        logits = model(x[start:start + EVAL_BATCH])
-        target = y[start:start + EVAL_BATCH]
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-        correct += int((logits.argmax(dim=1) == target).sum())
-    return loss_sum / len(x), 100.0 * correct / len(x)
-
-
 @dataclass
 class RunResult:
     """What one training run measured. Accuracies are percentages; timings are seconds summed over training."""
 
     best_dev_acc: float = float("-inf")
     test_acc: float | None = None
-    best_epoch: int = 0
+    best_epoch: float = 0  # a whole epoch, or a fraction of one with several evaluations per epoch
     epochs: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     units_at_best: list[int] | None = None  # meSimp: active units per hidden layer of the best-dev model
@@ -97,17 +83,175 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+
+def part_ends(n_steps: int, parts: int) -> list[int]:
+    """The last step (counting from 1) of each of ``parts`` near-equal parts of an ``n_steps`` epoch
+    (fewer parts when the epoch has fewer steps)."""
+    return sorted({math.ceil(n_steps * i / parts) for i in range(1, parts + 1)})
+
+
+@dataclass
+class _Run:
+    """One run's live state, threaded through the harness's steps."""
+
+    config: Config
+    task: Task
+    data: Splits
+    model: nn.Module
+    optimizer: OptimizerGroup
+    simplifier: Simplifier | None
+    result: RunResult
+    clock: Callable[[], float]
+    log: Callable[[str], None]
+    model_file: Path | None
+
+
+def _prepare(config: Config, task: Task, data: Splits, checkpoint: Path | None,
+             log: Callable[[str], None], model_file: Path | None) -> _Run:
+    """Threads, device, kernels, the seeded model, meSimp, the optimizer, and the checkpoint's state if any."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    if device.type == "cpu" and is_meprop_active(config.k, config.d_hidden) and not config.unified:
+        cpu_kernels()  # build/load the kernels now, so a first-use compile is not timed as backward
+    if data.train_x.device != device:
+        data = data.to(device)
+    torch.manual_seed(config.seed)
+    model = task.build_model(config, data).to(device)
+    saved = load_checkpoint(checkpoint) if checkpoint is not None else None
+    simplifier = None
+    if config.simplify.enabled:
+        units = [torch.as_tensor(kept) for kept in saved["units"]] if saved is not None else None
+        if units is not None:
+            shrink_to(model, units)
+        simplifier = Simplifier(model, config.simplify, math.ceil(len(data.train_y) / config.d_minibatch), units)
+    optimizer = build_optimizer(config, model)  # after any shrinking: it must hold the model's current parameters
+    result = RunResult()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        result = RunResult(**saved["result"])
+        if simplifier is not None:
+            simplifier.prunes = result.prunes
+        log(f"  resuming after epoch {saved['epoch']} from {checkpoint}")
+    return _Run(config, task, data, model, optimizer, simplifier, result, wall_clock(device), log, model_file)
+
+
+def _evaluate(run: _Run, at: float) -> dict[str, Any]:
+    """Evaluate dev at (fractional) epoch ``at``; when dev improves, evaluate test and keep this model
+    as the best (saved to the run's model file). Returns what was measured."""
+    result, timings = run.result, run.result.timings
+    eval_start = run.clock()
+    dev_loss, dev_acc = run.task.evaluate(run.model, run.data.dev_x, run.data.dev_y)
+    test_acc = None
+    improved = dev_acc > result.best_dev_acc
+    if improved:
+        _, test_acc = run.task.evaluate(run.model, run.data.test_x, run.data.test_y)
+        result.best_dev_acc, result.test_acc = dev_acc, test_acc
+        result.best_epoch = int(at) if float(at).is_integer() else at
+        result.units_at_best = run.simplifier.active_units() if run.simplifier is not None else None
+    timings["eval"] += run.clock() - eval_start
+    run.model.train()
+    if improved and run.model_file is not None:
+        save_checkpoint(run.model_file, {
+            "config": run.config.to_dict(), "model": run.model.state_dict(), "epoch": at,
+            "units": run.simplifier.units if run.simplifier is not None else None,
+            "n_features": run.data.n_features, "n_classes": run.data.n_classes})
+    return {"at": at, "dev_loss": dev_loss, "dev_acc": dev_acc, "test_acc": test_acc}
+
+
+def _train_epoch(run: _Run, epoch: int, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
+    """One epoch of minibatch steps with the per-phase timers, evaluating on the config's schedule
+    (``evals_per_epoch`` points, the last at the epoch's end). Returns the epoch's record."""
+    config, model, timings, clock = run.config, run.model, run.result.timings, run.clock
+    epoch_start = time.perf_counter()
+    model.train()
+    if run.simplifier is not None:
+        if run.simplifier.starts_cycle(epoch) and config.simplify.reset_optimizer and epoch > 1:
+            run.optimizer = build_optimizer(config, model)
+        run.simplifier.start_epoch(epoch)
+    n_train = len(run.data.train_y)
+    n_steps = math.ceil(n_train / config.d_minibatch)
+    eval_ends = part_ends(n_steps, config.evals_per_epoch)
+    loss_ends = part_ends(n_steps, LOSS_PARTS)
+    evals: list[dict[str, Any]] = []
+    loss_parts: list[float] = []
+    loss_sum = part_loss = 0.0
+    correct = part_examples = 0
+    generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+    with time_linear_backward() as backward_clock:
+        batches = iterate_minibatches(run.data.train_x, run.data.train_y, config.d_minibatch, generator)
+        for step, (x, y) in enumerate(batches, start=1):
+            if should_stop is not None and should_stop():
+                raise RunInterrupted(epoch - 1)
+            t0 = clock()
+            output = model(x)
+            loss = run.task.loss(output, y, config.loss_reduction)
+            t1 = clock()
+            loss.backward()
+            t2 = clock()
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+            if run.simplifier is not None and (units := run.simplifier.after_step(epoch, step, run.optimizer)):
+                run.log(f"    prune at epoch {epoch} step {step}: active units {units}")
+            t3 = clock()
+            timings["forward"] += t1 - t0
+            timings["backward"] += t2 - t1
+            timings["update"] += t3 - t2
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(epoch, step, loss_value, run.result)
+            summed = loss_value if config.loss_reduction == "sum" else loss_value * len(y)
+            loss_sum += summed
+            part_loss += summed
+            part_examples += len(y)
+            correct += run.task.count_correct(output, y)
+            if step in loss_ends:
+                loss_parts.append(part_loss / part_examples)
+                part_loss, part_examples = 0.0, 0
+            if step in eval_ends:
+                evals.append(_evaluate(run, epoch - 1 + (eval_ends.index(step) + 1) / len(eval_ends)))
+    timings["linear_backward"] += backward_clock.seconds
+    last = evals[-1]
+    return {
+        "epoch": epoch, "train_loss": loss_sum / n_train, "train_acc": 100.0 * correct / n_train,
+        "train_loss_parts": loss_parts, "dev_loss": last["dev_loss"], "dev_acc": last["dev_acc"],
+        "test_acc": last["test_acc"], "seconds": time.perf_counter() - epoch_start,
+        **({"units": run.simplifier.active_units()} if run.simplifier is not None else {}),
+        **({"evals": evals} if len(evals) > 1 else {}),
+    }
+
+
+def _save_run_checkpoint(run: _Run, path: Path, epoch: int) -> None:
+    """Everything needed to continue after ``epoch`` exactly as if uninterrupted."""
+    cuda = next(run.model.parameters()).is_cuda
+    save_checkpoint(path, {
+        "epoch": epoch, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "rng": torch.get_rng_state(), "result": dataclasses.asdict(run.result),
+        "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
+        "units": run.simplifier.units if run.simplifier is not None else None,
+    })
+
+
 def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = None,
               checkpoint: Path | None = None, should_stop: Callable[[], bool] | None = None,
-              model_file: Path | None = None) -> RunResult:
-    """Train the config's MLP on ``data``; evaluate dev each epoch and test whenever dev improves.
+              model_file: Path | None = None, task: Task = MNIST) -> RunResult:
+    """Train ``task``'s model for ``config`` on ``data``: the paper's test-group harness.
 
     ``torch.manual_seed(config.seed)`` precedes model construction, so every k of a sweep
     starts from the same weights; each epoch's data order depends only on the seed and the
-    epoch. Timers: ``forward`` (model and loss), ``backward`` (``loss.backward()``),
-    ``linear_backward`` (the part of it inside the linear layers), ``update`` (optimizer
-    step and zeroing the gradients), ``train`` (forward + backward + update), ``eval``,
-    ``total``.
+    epoch. Dev is evaluated ``config.evals_per_epoch`` times per epoch (the epoch cut into that
+    many parts, as the authors' C# program does with 8) and test whenever dev improves; the
+    reported test accuracy is the one at the best dev point, whose (fractional) epoch is
+    ``best_epoch``. The training loss is recorded per 1/8 epoch as well (``train_loss_parts``).
+
+    Timers: ``forward`` (model and loss), ``backward`` (``loss.backward()``),
+    ``linear_backward`` (the part of it inside the linear layers), ``update`` (clipping,
+    optimizer step and zeroing the gradients), ``train`` (forward + backward + update),
+    ``eval``, ``total``.
 
     With ``checkpoint``, the model, optimizer, RNG state and results so far are saved there
     after every epoch, and a run that finds a checkpoint continues after its epoch, ending
@@ -120,104 +264,20 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     :mod:`mnist_meprop.simplify`); the active units are logged after each prune and epoch.
     """
     log = log or to_stderr
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    if device.type == "cpu" and is_meprop_active(config.k, config.d_hidden) and not config.unified:
-        cpu_kernels()  # build/load the kernels now, so a first-use compile is not timed as backward
-    clock = wall_clock(device)
-    if data.train_x.device != device:
-        data = data.to(device)
-    torch.manual_seed(config.seed)
-    model = build_model(config, data.n_features, data.n_classes).to(device)
-    result = RunResult()
-    saved = load_checkpoint(checkpoint) if checkpoint is not None else None
-    simplifier = None
-    if config.simplify.enabled:
-        units = [torch.as_tensor(kept) for kept in saved["units"]] if saved is not None else None
-        if units is not None:
-            shrink_to(model, units)
-        simplifier = Simplifier(model, config.simplify, math.ceil(len(data.train_y) / config.d_minibatch), units)
-    optimizer = build_optimizer(config, model)  # after any shrinking: it must hold the model's current parameters
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])
-        if device.type == "cuda" and saved.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        result = RunResult(**saved["result"])
-        if simplifier is not None:
-            simplifier.prunes = result.prunes
-        log(f"  resuming after epoch {saved['epoch']} from {checkpoint}")
-    timings = result.timings
-    elapsed_before, run_start = timings["total"], clock()
-    n_train = len(data.train_y)
+    run = _prepare(config, task, data, checkpoint, log, model_file)
+    result, timings = run.result, run.result.timings
+    elapsed_before, run_start = timings["total"], run.clock()
     for epoch in range(len(result.epochs) + 1, config.n_epoch + 1):
-        epoch_start = time.perf_counter()
-        model.train()
-        if simplifier is not None:
-            if simplifier.starts_cycle(epoch) and config.simplify.reset_optimizer and epoch > 1:
-                optimizer = build_optimizer(config, model)
-            simplifier.start_epoch(epoch)
-        generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
-        loss_sum, correct = 0.0, 0
-        with time_linear_backward() as backward_clock:
-            batches = iterate_minibatches(data.train_x, data.train_y, config.d_minibatch, generator)
-            for step, (x, y) in enumerate(batches, start=1):
-                if should_stop is not None and should_stop():
-                    raise RunInterrupted(epoch - 1)
-                t0 = clock()
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                t1 = clock()
-                loss.backward()
-                t2 = clock()
-                optimizer.step()
-                optimizer.zero_grad()
-                if simplifier is not None and (units := simplifier.after_step(epoch, step, optimizer)):
-                    log(f"    prune at epoch {epoch} step {step}: active units {units}")
-                t3 = clock()
-                timings["forward"] += t1 - t0
-                timings["backward"] += t2 - t1
-                timings["update"] += t3 - t2
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(epoch, step, loss_value, result)
-                loss_sum += loss_value * len(y)
-                correct += int((logits.argmax(dim=1) == y).sum())
-        timings["linear_backward"] += backward_clock.seconds
-        eval_start = clock()
-        dev_loss, dev_acc = evaluate(model, data.dev_x, data.dev_y)
-        test_acc = None
-        units = simplifier.active_units() if simplifier is not None else None
-        if dev_acc > result.best_dev_acc:
-            _, test_acc = evaluate(model, data.test_x, data.test_y)
-            result.best_dev_acc, result.test_acc, result.best_epoch = dev_acc, test_acc, epoch
-            result.units_at_best = units
-        timings["eval"] += clock() - eval_start
-        if model_file is not None and result.best_epoch == epoch:
-            save_checkpoint(model_file, {"config": config.to_dict(), "model": model.state_dict(), "epoch": epoch,
-                                         "units": simplifier.units if simplifier is not None else None,
-                                         "n_features": data.n_features, "n_classes": data.n_classes})
-        result.epochs.append({
-            "epoch": epoch, "train_loss": loss_sum / n_train, "train_acc": 100.0 * correct / n_train,
-            "dev_loss": dev_loss, "dev_acc": dev_acc, "test_acc": test_acc,
-            "seconds": time.perf_counter() - epoch_start,
-            **({"units": units} if units is not None else {}),
-        })
-        if simplifier is not None:
-            result.units, result.prunes = units, simplifier.prunes
+        record = _train_epoch(run, epoch, should_stop)
+        result.epochs.append(record)
+        if run.simplifier is not None:
+            result.units, result.prunes = record["units"], run.simplifier.prunes
         timings["train"] = timings["forward"] + timings["backward"] + timings["update"]
-        timings["total"] = elapsed_before + clock() - run_start
+        timings["total"] = elapsed_before + run.clock() - run_start
         if checkpoint is not None:
-            save_checkpoint(checkpoint, {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "result": dataclasses.asdict(result),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                "units": simplifier.units if simplifier is not None else None,
-            })
-        log(f"  epoch {epoch}/{config.n_epoch}  loss {loss_sum / n_train:.4f}  dev {dev_acc:.2f}%  "
-            f"best {result.best_dev_acc:.2f}% @{result.best_epoch}  test@best {result.test_acc:.2f}%  "
-            + (f"units {units}  " if units is not None else "")
-            + f"({time.perf_counter() - epoch_start:.1f}s)")
+            _save_run_checkpoint(run, checkpoint, epoch)
+        log(f"  epoch {epoch}/{config.n_epoch}  loss {record['train_loss']:.4f}  dev {record['dev_acc']:.2f}%  "
+            f"best {result.best_dev_acc:.2f}% @{result.best_epoch:g}  test@best {result.test_acc:.2f}%  "
+            + (f"units {record['units']}  " if "units" in record else "")
+            + f"({record['seconds']:.1f}s)")
     return result

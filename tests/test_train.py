@@ -1,5 +1,7 @@
 """The training harness: seeding, dev/test bookkeeping, timers, and that it really learns."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +10,7 @@ from mnist_meprop.config import Config
 from mnist_meprop.data import load_data
 from mnist_meprop.layers import MePropLinear
 from mnist_meprop.model import build_mlp
+from mnist_meprop.task import MNIST
 from mnist_meprop.train import PHASES, method_name, train_run
 
 TINY = dict(dataset="sample", dev_size=200, train_limit=600, test_limit=300, n_epoch=3, d_hidden=64,
@@ -67,19 +70,17 @@ def test_same_seed_same_run_and_dense_k_values_agree(tiny_data):
     assert [e["train_loss"] for e in dense.epochs] != [e["train_loss"] for e in other_seed.epochs]
 
 
-def test_sweep_runs_share_their_initial_weights(tiny_data, monkeypatch):
-    import mnist_meprop.train as train_module
+def test_sweep_runs_share_their_initial_weights(tiny_data):
     first_weights = []
-    real_build = train_module.build_model
 
-    def spy(config, d_input, n_classes):
-        model = real_build(config, d_input, n_classes)
+    def spy(config, data):
+        model = MNIST.build_model(config, data)
         first_weights.append(model[0].weight.detach().clone())
         return model
 
-    monkeypatch.setattr(train_module, "build_model", spy)
+    task = dataclasses.replace(MNIST, build_model=spy)
     for k in (0, 8):
-        train_run(Config(**{**TINY, "n_epoch": 1}, k=k), tiny_data, quiet)
+        train_run(Config(**{**TINY, "n_epoch": 1}, k=k), tiny_data, quiet, task=task)
     assert torch.equal(first_weights[0], first_weights[1])
 
 
