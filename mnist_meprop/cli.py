@@ -149,8 +149,10 @@ def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int 
 
 
 @main.command("reproduce")
-@click.option("--table", "table", default="all", show_default=True, metavar="1|2|3|4|5|6|fig4|mesimp|all[,...]",
-              help="Which tables (and/or Figure 4, meSimp) to reproduce; comma-separated for several.")
+@click.option("--table", "table", default="all", show_default=True,
+              metavar="1|2|3|4|5|6|fig4|mesimp|early|ablation|all[,...]",
+              help="Which tables (and/or Figure 4, meSimp, the early-training figure, the ablation of the "
+                   "authors' details) to reproduce; comma-separated for several.")
 @click.option("--dataset", type=click.Choice(["sample", "mnist", "fashion-mnist", "idx"]), default="sample",
               show_default=True)
 @click.option("--data-dir", metavar="DIR", help="Download folder, or the IDX folder for --dataset idx.")
@@ -161,9 +163,11 @@ def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int 
 @click.option("--quick", is_flag=True, help="A few hundred examples, one epoch: checks the pipeline in minutes.")
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads (recorded in the report).")
 @click.option("--out", metavar="DIR", help="Output folder (default: results/reproduce-<dataset>[-quick]/).")
+@click.option("--report-only", is_flag=True,
+              help="Train nothing: write the report from the runs stored so far (missing rows say \"not run\").")
 def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int, epochs: int | None,
                       fig4_seeds: int | None, fig4_epochs: int | None, quick: bool,
-                      threads: int | None, out: str | None) -> None:
+                      threads: int | None, out: str | None, report_only: bool) -> None:
     """Re-run the paper's MNIST tables, Figure 4 and meSimp; print and write paper vs ours (REPORT.md, CSV, PNG)."""
     from .reproduce import TABLES, reproduce
 
@@ -172,13 +176,14 @@ def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int
         chosen = list(TABLES)
     unknown = [part for part in chosen if part not in TABLES]
     if unknown or not chosen:
-        _fail(f"--table: expected 1, 2, 3, 4, 5, 6, fig4, mesimp or all (comma-separated), got {table!r}")
+        _fail(f"--table: expected {', '.join(TABLES)} or all (comma-separated), got {table!r}")
     out_dir = Path(out) if out else Path("results") / f"reproduce-{dataset}{'-quick' if quick else ''}"
     command = "meprop " + " ".join(sys.argv[1:]) if sys.argv[1:] else "meprop reproduce"
     try:
         with stop_on_signals() as should_stop:
             report = reproduce(chosen, dataset, data_dir, seeds, epochs, quick, out_dir, command, threads,
-                               should_stop=should_stop, fig4_seeds=fig4_seeds, fig4_epochs=fig4_epochs)
+                               should_stop=should_stop, fig4_seeds=fig4_seeds, fig4_epochs=fig4_epochs,
+                               report_only=report_only)
     except MePropError as error:
         _fail(error)
     except (RunInterrupted, KeyboardInterrupt):

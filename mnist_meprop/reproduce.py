@@ -26,9 +26,9 @@ from .export import compare_models
 from .log import to_stderr
 from .results import environment, format_mean_std, mean_std, mean_units
 from .runner import run_experiments
-from .store import model_path, run_key
+from .store import latest_by_key, model_path, read_records, run_key
 
-TABLES = ("1", "2", "3", "4", "5", "6", "fig4", "mesimp")
+TABLES = ("1", "2", "3", "4", "5", "6", "fig4", "mesimp", "early", "ablation")
 # --quick: a few hundred examples, one epoch; enough to exercise every table and plot.
 QUICK = {"dev_size": 200, "train_limit": 400, "test_limit": 300, "n_epoch": 1}
 TIME_METRICS = {
@@ -47,6 +47,17 @@ class Row:
     baseline: str | None = None
     configs: list[Config] = field(default_factory=list)
     reduced_from: str | None = None  # meSimp: a dense MLP as wide as that row's runs ended up, per seed
+    authors: str | None = None  # the authors' C# run (in authors-csharp.yaml) that measured this row
+    variants: dict[str, list[Config]] = field(default_factory=dict)  # variant name -> its configs
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The table's rows once more with some keys set, e.g. ``preset: authors-csharp``."""
+
+    name: str
+    label: str
+    overrides: dict[str, Any]
 
 
 @dataclass
@@ -57,18 +68,48 @@ class TableSpec:
     rows: list[Row]
     k_values: list[int] = field(default_factory=list)
     paper: dict[str, float] = field(default_factory=dict)
+    variants: list[Variant] = field(default_factory=list)
+    max_seeds: int | None = None  # e.g. the ablation runs one seed whatever --seeds says
+    authors: list[str] = field(default_factory=list)  # the early figure's authors' runs
+
+
+SPEC_FILES = {"fig4": "fig4.yaml", "mesimp": "mesimp.yaml", "early": "early.yaml", "ablation": "ablation.yaml"}
+AUTHORS_DATA = "authors-csharp.yaml"
 
 
 def spec_path(name: str) -> Path:
-    filename = f"{name}.yaml" if name in ("fig4", "mesimp") else f"table{name}.yaml"
-    return Path(str(resources.files("mnist_meprop") / "paper" / filename))
+    return Path(str(resources.files("mnist_meprop") / "paper" / SPEC_FILES.get(name, f"table{name}.yaml")))
+
+
+def authors_runs() -> dict[str, dict[str, Any]]:
+    """The authors' C# program's runs on full MNIST (``paper/authors-csharp.yaml``, with its provenance)."""
+    path = Path(str(resources.files("mnist_meprop") / "paper" / AUTHORS_DATA))
+    return yaml.safe_load(path.read_text(encoding="utf-8"))["runs"]
+
+
+def ablation_rows(data: dict[str, Any]) -> list[Row]:
+    """One row per (setting, switch): the setting with one of the authors' details switched back to ours."""
+    rows = []
+    reference = next(switch["label"] for switch in data["switches"] if not switch["set"])
+    for setting in data["settings"]:
+        for switch in data["switches"]:
+            if setting["set"].get("optimizer") not in switch.get("optimizers", [setting["set"].get("optimizer")]):
+                continue  # e.g. AdaGrad's eps placement means nothing to Adam
+            rows.append(Row(f"{setting['label']}: {switch['label']}", {**setting["set"], **switch["set"]}, {},
+                            baseline=f"{setting['label']}: {reference}"))
+    return rows
 
 
 def load_spec(name: str) -> TableSpec:
     data = yaml.safe_load(spec_path(name).read_text(encoding="utf-8"))
-    rows = [Row(r["label"], r.get("set", {}), r.get("paper", {}), r.get("baseline"), reduced_from=r.get("reduced_from"))
+    rows = [Row(r["label"], r.get("set", {}), r.get("paper", {}), r.get("baseline"),
+                reduced_from=r.get("reduced_from"), authors=r.get("authors"))
             for r in data.get("rows", [])]
-    return TableSpec(name, data["title"], data["base"], rows, data.get("k_values", []), data.get("paper", {}))
+    if name == "ablation":
+        rows = ablation_rows(data)
+    variants = [Variant(v["name"], v["label"], v["set"]) for v in data.get("variants", [])]
+    return TableSpec(name, data["title"], data["base"], rows, data.get("k_values", []), data.get("paper", {}),
+                     variants, data.get("max_seeds"), data.get("authors", []))
 
 
 def fig4_rows(spec: TableSpec) -> list[Row]:
@@ -94,6 +135,7 @@ def data_settings(dataset: str, data_dir: str | None) -> dict[str, Any]:
 def build_configs(spec: TableSpec, data: dict[str, Any], seeds: Sequence[int], epochs: int | None,
                   quick: bool, threads: int | None) -> list[Row]:
     rows = fig4_rows(spec) if spec.name == "fig4" else spec.rows
+    seeds = seeds[:spec.max_seeds] if spec.max_seeds else seeds
     for row in rows:
         raw = {**spec.base, **row.overrides, **data, "name": "paper"}
         if epochs is not None:
@@ -103,7 +145,16 @@ def build_configs(spec: TableSpec, data: dict[str, Any], seeds: Sequence[int], e
         if threads is not None:
             raw["threads"] = threads
         row.configs = [] if row.reduced_from else [validate({**raw, "seed": seed}) for seed in seeds]
+        row.variants = {variant.name: [validate({**raw, **variant.overrides, "seed": seed}) for seed in seeds]
+                        for variant in spec.variants}
     return rows
+
+
+def all_configs(built: list[tuple[TableSpec, list[Row]]]) -> list[Config]:
+    """Every distinct run of the tables, seed by seed: a reproduction stopped early has whole seeds."""
+    configs = dict.fromkeys(c for _, rows in built for row in rows
+                            for c in [*row.configs, *(c for cs in row.variants.values() for c in cs)])
+    return sorted(configs, key=lambda config: config.seed)
 
 
 def reduced_configs(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any]]) -> None:
@@ -122,57 +173,191 @@ def reduced_configs(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str
                 row.configs.append(config.replace(**row.overrides, d_hidden=width, simplify={}))
 
 
-def row_values(row: Row, by_key: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
-    """Per-seed values of every metric for one row (failed runs left out)."""
-    records = [by_key[run_key(c)] for c in row.configs if by_key.get(run_key(c), {}).get("status", "ok") == "ok"]
+def row_values(configs: Sequence[Config], by_key: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
+    """Per-seed values of every metric for one row's runs (failed runs left out)."""
+    records = ok_records(configs, by_key)
     values = {"test": [r["test_acc"] for r in records]}
     for metric, (_, pick) in TIME_METRICS.items():
         values[metric] = [pick(r["timings"]) for r in records]
     return values
 
 
-def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Headers and cells: per row the paper's number, ours (mean ± std over seeds) and the difference
-    for accuracy; for times the speedup over the row's baseline, paper vs ours."""
-    values = {row.label: row_values(row, by_key) for row in rows}
+def ok_records(configs: Sequence[Config], by_key: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stored, successful records of ``configs`` (missing and failed runs left out)."""
+    records = (by_key.get(run_key(config)) for config in configs)
+    return [record for record in records if record is not None and record.get("status", "ok") == "ok"]
+
+
+# The authors' per-epoch timers (seconds per epoch, forward / backward / update) behind each time metric.
+AUTHORS_TIMERS = {"linear_backward_s": ("backward_s",), "backward_s": ("backward_s",),
+                  "forward_s": ("forward_s",), "total_s": ("forward_s", "backward_s")}
+
+
+def authors_time(run: dict[str, Any], metric: str) -> float | None:
+    """The authors' program's mean seconds per epoch for ``metric`` (its ``bp`` timer stands for both
+    backward metrics: it covers the linear layers and the activations)."""
+    timers = run.get("timers") or []
+    if not timers:
+        return None
+    return statistics.fmean(sum(epoch[name] for name in AUTHORS_TIMERS[metric]) for epoch in timers)
+
+
+def _sources(spec: TableSpec) -> list[tuple[str, Callable[[Row], list[Config]]]]:
+    """("ours", the row's configs) and one ("ours + <variant>", its configs) per variant of the table."""
+    sources: list[tuple[str, Callable[[Row], list[Config]]]] = [("ours", lambda row: row.configs)]
+    for variant in spec.variants:
+        sources.append((f"ours + {variant.name}", lambda row, name=variant.name: row.variants[name]))
+    return sources
+
+
+def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any]],
+                authors: dict[str, dict[str, Any]] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells: per row the paper's number, the authors' C# program's where its log covers
+    the row, ours (mean ± std over seeds) and ours with each variant (e.g. the authors' details), with
+    the difference to the paper for accuracy; for times the speedup over the row's baseline."""
+    authors = authors or {}
+    sources = _sources(spec)
+    values = {(row.label, name): row_values(pick(row), by_key) for row in rows for name, pick in sources}
     metrics = list(dict.fromkeys(m for row in rows for m in row.paper))
     if spec.name == "fig4":
         metrics = ["test", "linear_backward_s"]
+    with_authors = any(row.authors for row in rows)
     headers = ["row", "seeds"]
     for metric in metrics:
         if metric == "test":
-            headers += ["paper test %", "ours test %", "ours − paper"]
+            headers += ["paper test %"] + (["authors' C# here: test % (epochs run)"] if with_authors else [])
+            for name, _ in sources:
+                headers += [f"{name} test %", f"{name} − paper"]
         else:
-            name = TIME_METRICS[metric][0]
-            headers += [f"ours {name}", f"paper speedup ({name.split(' (')[0]})", "ours speedup"]
+            label = TIME_METRICS[metric][0]
+            short = label.split(" (")[0]
+            headers += [f"{name} {label}" for name, _ in sources] + [f"paper speedup ({short})"]
+            headers += ["authors' C# here: speedup"] if with_authors else []
+            headers += [f"{name} speedup" for name, _ in sources]
     cells = []
     for row in rows:
-        mine = values[row.label]
-        n = len(mine["test"])
-        line = [row.label, str(n)]
+        seeds = [len(values[(row.label, name)]["test"]) for name, _ in sources]
+        line = [row.label, " / ".join(str(n) for n in seeds)]
+        run = authors.get(row.authors) if row.authors else None
         for metric in metrics:
             if metric == "test":
                 paper = row.paper.get("test")
-                if n == 0:
-                    line += [_opt(paper), "failed", ""]
-                    continue
-                mean, std = mean_std(mine["test"])
-                line += [_opt(paper), format_mean_std(mean, std, n), "" if paper is None else f"{mean - paper:+.2f}"]
+                line.append(_opt(paper))
+                if with_authors:
+                    line.append(f"{run['best']['test_acc']:.2f} ({run['epochs_label']})" if run else "")
+                for name, _ in sources:
+                    found = values[(row.label, name)]["test"]
+                    if not found:
+                        line += [_missing(row, by_key), ""]
+                        continue
+                    mean, std = mean_std(found)
+                    line += [format_mean_std(mean, std, len(found)), "" if paper is None else f"{mean - paper:+.2f}"]
                 continue
-            if n == 0:
-                line += ["failed", "", ""]
-                continue
-            mean, std = mean_std(mine[metric])
-            paper_ratio = ours_ratio = ""
-            if row.baseline is not None:
-                base_paper = next(r.paper.get(metric) for r in rows if r.label == row.baseline)
-                if base_paper and row.paper.get(metric):
-                    paper_ratio = f"{base_paper / row.paper[metric]:.1f}x"
-                base_values = values[row.baseline][metric]
-                if base_values and mean > 0:
-                    ours_ratio = f"{statistics.fmean(base_values) / mean:.1f}x"
-            line += [format_mean_std(mean, std, n), paper_ratio, ours_ratio]
+            base_row = next((r for r in rows if r.label == row.baseline), None)
+            times, ratios = [], []
+            for name, _ in sources:
+                found = values[(row.label, name)][metric]
+                times.append(format_mean_std(*mean_std(found), len(found)) if found else "")
+                base = values[(base_row.label, name)][metric] if base_row is not None else []
+                ratios.append(f"{statistics.fmean(base) / statistics.fmean(found):.1f}x"
+                              if found and base and statistics.fmean(found) > 0 else "")
+            paper_ratio = ""
+            if base_row is not None and base_row.paper.get(metric) and row.paper.get(metric):
+                paper_ratio = f"{base_row.paper[metric] / row.paper[metric]:.1f}x"
+            authors_ratio = ""
+            base_run = authors.get(base_row.authors) if base_row is not None and base_row.authors else None
+            if run and base_run and authors_time(run, metric) and authors_time(base_run, metric):
+                authors_ratio = f"{authors_time(base_run, metric) / authors_time(run, metric):.1f}x"
+            line += times + [paper_ratio] + ([authors_ratio] if with_authors else []) + ratios
         cells.append(line)
+    return headers, cells
+
+
+def _missing(row: Row, by_key: dict[str, dict[str, Any]]) -> str:
+    """What to show for a row without results: "failed" if a run of it is stored, else "not run"."""
+    stored = any(run_key(c) in by_key for c in [*row.configs, *(c for cs in row.variants.values() for c in cs)])
+    return "failed" if stored else "not run"
+
+
+def loss_parts(record: dict[str, Any], epochs: int) -> list[float]:
+    """The run's training loss per 1/8 epoch over its first ``epochs`` epochs (empty if not recorded)."""
+    parts = [part for epoch in record["epochs"][:epochs] for part in epoch.get("train_loss_parts", [])]
+    return parts if len(parts) == 8 * min(epochs, len(record["epochs"])) else []
+
+
+def early_series(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any]],
+                 authors: dict[str, dict[str, Any]]) -> list[tuple[str, list[float], list[float]]]:
+    """(label, epochs, losses) per curve: our runs (seed 1) and the authors' C# runs from their logs."""
+    shown = spec.base.get("epochs_shown", 3)
+    curves = []
+    for row in rows:
+        records = ok_records(row.configs, by_key)
+        parts = loss_parts(records[0], shown) if records else []
+        if parts:
+            curves.append((row.label, [(i + 1) / 8 for i in range(len(parts))], parts))
+    for name in spec.authors:
+        run = authors.get(name)
+        if run is None:
+            continue
+        points = [(part["at"], part["train_loss"]) for part in run["parts"] if part["at"] <= shown]
+        method = "backprop" if run["k"] == 0 else f"meProp k={run['k']}"
+        curves.append((f"authors' C# program, {method} (seed {run['seed']})",
+                       [at for at, _ in points], [loss for _, loss in points]))
+    return curves
+
+
+def early_lines(curves: list[tuple[str, list[float], list[float]]]) -> tuple[list[str], list[list[str]]]:
+    """The early figure as a table: per curve, the mean loss of each 1/8 of epoch 1, then epochs 2 and 3."""
+    headers = ["curve"] + [f"ep 1, {i}/8" for i in range(1, 9)] + ["epoch 2 mean", "epoch 3 mean"]
+    cells = []
+    for label, xs, ys in curves:
+        by_epoch = [[y for x, y in zip(xs, ys) if epoch - 1 < x <= epoch] for epoch in (1, 2, 3)]
+        first = [f"{y:.2f}" for y in by_epoch[0]] + [""] * (8 - len(by_epoch[0]))
+        cells.append([label] + first + [f"{statistics.fmean(e):.2f}" if e else "" for e in by_epoch[1:]])
+    return headers, cells
+
+
+def early_plot(curves: list[tuple[str, list[float], list[float]]], out_dir: Path) -> Path:
+    """early-training-loss.png: training loss per 1/8 epoch; ours solid, the authors' C# program dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7.2, 4.4))
+    for label, xs, ys in curves:
+        style = "--" if label.startswith("authors'") else ("-." if "preset" in label else "-")
+        marker = "o" if "meProp" in label else "s"
+        axis.plot(xs, ys, style, marker=marker, markersize=3, label=label)
+    axis.set_yscale("log")
+    axis.set_xlabel("epoch (points every 1/8 epoch)")
+    axis.set_ylabel("mean training loss over the 1/8 epoch")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3, which="both")
+    figure.tight_layout()
+    path = out_dir / "early-training-loss.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def ablation_lines(rows: list[Row], by_key: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Per ablation row: test accuracy, its change from the row with all the authors' details, the
+    first epoch's training loss and the largest 1/8-epoch loss of the first 3 epochs (the early blow-up)."""
+    headers = ["setting: detail switched back to ours", "test %", "change vs all the authors' details",
+               "epoch 1 train loss", "max 1/8-epoch train loss, epochs 1-3", "best epoch"]
+    cells = []
+    tests = {row.label: [r["test_acc"] for r in ok_records(row.configs, by_key)] for row in rows}
+    for row in rows:
+        records = ok_records(row.configs, by_key)
+        if not records:
+            cells.append([row.label, _missing(row, by_key), "", "", "", ""])
+            continue
+        record = records[0]
+        base = tests[row.baseline][0] if tests.get(row.baseline) else None
+        parts = loss_parts(record, 3)
+        cells.append([row.label, f"{record['test_acc']:.2f}", "" if base is None else f"{record['test_acc'] - base:+.2f}",
+                      f"{record['epochs'][0]['train_loss']:.3f}", f"{max(parts):.2f}" if parts else "",
+                      f"{record['best_epoch']:g}"])
     return headers, cells
 
 
@@ -185,10 +370,10 @@ def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, A
                "paper test %", "ours test %", "ours − paper", "inference speedup (compact vs full)"]
     cells = []
     for row in rows:
-        records = [by_key[run_key(c)] for c in row.configs if by_key.get(run_key(c), {}).get("status") == "ok"]
+        records = ok_records(row.configs, by_key)
         paper_units, paper_test = row.paper.get("units"), row.paper.get("test")
         if not records:
-            cells.append([row.label, "0", _opt_int(paper_units), "", "", _opt(paper_test), "failed", "", ""])
+            cells.append([row.label, "0", _opt_int(paper_units), "", "", _opt(paper_test), _missing(row, by_key), "", ""])
             continue
         layer_means = mean_units(records)
         average = statistics.fmean(layer_means)
@@ -229,7 +414,7 @@ def fig4_plots(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any
     import matplotlib.pyplot as plt
 
     d_hidden = spec.base["d_hidden"]
-    values = {row.label: row_values(row, by_key) for row in rows}
+    values = {row.label: row_values(row.configs, by_key) for row in rows}
 
     def series(prefix: str, metric: str = "test") -> tuple[list[float], list[float]]:
         xs, ys = [], []
@@ -287,12 +472,14 @@ def fig4_plots(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any
 def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: int, epochs: int | None,
               quick: bool, out_dir: Path, command: str, threads: int | None = None,
               log: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-              fig4_seeds: int | None = None, fig4_epochs: int | None = None) -> Path:
+              fig4_seeds: int | None = None, fig4_epochs: int | None = None, report_only: bool = False) -> Path:
     """Run every requested table (resuming), write CSVs, plots and ``REPORT.md``; returns the report path.
 
     ``fig4_seeds`` and ``fig4_epochs`` let Figure 4's 28 series points use fewer seeds or epochs
     than the tables (the report says so). A hand-written ``NOTES.md`` in ``out_dir`` (where and
     why our numbers differ) is appended to the report, so rerunning the command keeps it.
+    ``report_only`` trains nothing: the report shows the runs stored so far (others as "not run"),
+    e.g. while other processes are still working on the same folder.
     """
     log = log or to_stderr
     data = data_settings(dataset, data_dir)
@@ -302,18 +489,22 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
     built = [(spec, build_configs(spec, data, list(range(1, (fig4_seeds if spec.name == "fig4" else seeds) + 1)),
                                   fig4_epochs if spec.name == "fig4" else epochs, quick, threads))
              for spec in specs]
-    configs = list(dict.fromkeys(c for _, rows in built for row in rows for c in row.configs))
+    configs = all_configs(built)
     log(f"reproduce: {len(configs)} distinct runs for {', '.join(s.name for s in specs)} into {out_dir / 'runs'}")
     started = time.monotonic()
-    records = run_experiments(configs, out_dir / "runs", log=_with_eta(log, len(configs), started),
-                              should_stop=should_stop)
-    by_key = {record["key"]: record for record in records}
+    if report_only:
+        by_key = latest_by_key(read_records(out_dir / "runs", log))
+    else:
+        records = run_experiments(configs, out_dir / "runs", log=_with_eta(log, len(configs), started),
+                                  should_stop=should_stop)
+        by_key = {record["key"]: record for record in records}
     for spec, rows in built:  # rows sized by other rows' results (meSimp's reduced MLP) run second
         reduced_configs(spec, rows, by_key)
     extra = [c for _, rows in built for row in rows if row.reduced_from for c in row.configs]
-    if extra:
+    if extra and not report_only:
         log(f"reproduce: {len(extra)} more runs, dense MLPs of the sizes meSimp reached")
         by_key.update((r["key"], r) for r in run_experiments(extra, out_dir / "runs", log=log, should_stop=should_stop))
+    done = sum(run_key(c) in by_key for c in configs)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
     sections = [
@@ -330,23 +521,37 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
         f"Python {env['python']}",
         "- accuracies: test accuracy (%) at the best dev epoch, mean ± std over seeds; times: speedup of the",
         "  row over its backprop baseline (absolute seconds depend on the machine, so the paper's are not compared)",
+        "- the authors' C# program's numbers come from its logs on this machine (`mnist_meprop/paper/authors-csharp.yaml`,",
+        "  with their provenance); its runs stopped after the number of epochs shown",
+        *([f"- **partial report**: {done} of {len(configs)} runs stored so far; the seeds column counts the runs "
+           "behind each number and \"not run\" marks rows still to come"] if done < len(configs) else []),
         "",
     ]
+    authors = authors_runs()
     for spec, rows in built:
+        extra_lines: list[str] = []
         if spec.name == "mesimp":
             headers, cells = mesimp_lines(spec, rows, by_key, out_dir / "runs")
+        elif spec.name == "early":
+            curves = early_series(spec, rows, by_key, authors)
+            headers, cells = early_lines(curves)
+            extra_lines = [f"![early training loss]({early_plot(curves, out_dir).name})", ""]
+        elif spec.name == "ablation":
+            headers, cells = ablation_lines(rows, by_key)
         else:
-            headers, cells = table_lines(spec, rows, by_key)
-        name = spec.name if spec.name in ("fig4", "mesimp") else f"table{spec.name}"
+            headers, cells = table_lines(spec, rows, by_key, authors)
+        name = spec.name if spec.name in SPEC_FILES else f"table{spec.name}"
         with open(out_dir / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(headers)
             writer.writerows(cells)
-        sections += [f"## {spec.title}", ""]
+        sections += [f"## {spec.title}", ""] + extra_lines
+        if spec.variants:
+            sections += [f"Columns \"ours + {v.name}\": {v.label}." for v in spec.variants] + [""]
         if spec.name == "fig4":
             plots = fig4_plots(spec, rows, by_key, out_dir)
             best = max((statistics.fmean(v["test"]) for row in rows if row.label.startswith("meProp top-k")
-                        for v in [row_values(row, by_key)] if v["test"]), default=None)
+                        for v in [row_values(row.configs, by_key)] if v["test"]), default=None)
             sections += [f"Best meProp top-k test accuracy in the sweep: "
                          f"{'n/a' if best is None else f'{best:.2f}'} (paper: {spec.paper['best_meprop_test']:.2f}).", ""]
             sections += [f"![{path.stem}]({path.name})" for path in plots] + [""]

@@ -5,7 +5,7 @@ import csv
 from click.testing import CliRunner
 
 from mnist_meprop.cli import main
-from mnist_meprop.reproduce import TABLES, build_configs, data_settings, load_spec
+from mnist_meprop.reproduce import SPEC_FILES, TABLES, build_configs, data_settings, load_spec
 
 
 def test_table_specs_have_the_paper_settings():
@@ -27,12 +27,13 @@ def test_quick_reproduction_writes_every_table_and_plot(tmp_path):
     assert result.exit_code == 0, result.output
     report = (tmp_path / "REPORT.md").read_text()
     for name in TABLES:
-        csv_name = f"{name}.csv" if name in ("fig4", "mesimp") else f"table{name}.csv"
+        csv_name = f"{name}.csv" if name in SPEC_FILES else f"table{name}.csv"
         rows = list(csv.reader((tmp_path / csv_name).open()))
         assert len(rows) >= 3, csv_name
-    for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Figure 4", "meSimp"):
+    for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Figure 4", "meSimp",
+                  "Early training", "Ablation"):
         assert f"## {title}" in report
-    for plot in ("fig4-accuracy-vs-k.png", "fig4-speedup-vs-k.png"):
+    for plot in ("fig4-accuracy-vs-k.png", "fig4-speedup-vs-k.png", "early-training-loss.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({plot})" in report
     assert "| Adam, meProp k=20 " in report and "98.01" in report and "21.5x" in report
@@ -45,7 +46,7 @@ def test_quick_reproduction_writes_every_table_and_plot(tmp_path):
 def test_tables_share_identical_runs(tmp_path):
     result = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "1,2", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "4 distinct runs" in result.stderr
+    assert "8 distinct runs" in result.stderr  # Table 1: 4 rows, ours and with the authors' details; Table 2 reuses them
     bad = CliRunner().invoke(main, ["reproduce", "--table", "7"])
     assert bad.exit_code == 2 and "--table" in bad.stderr
 
@@ -80,3 +81,49 @@ def test_mesimp_section_shows_units_accuracy_and_a_reduced_size_baseline(tmp_pat
     width = round(sum(int(u) for u in units.split(" / ")) / len(units.split(" / ")))
     assert reduced[header.index("ours units per layer")] == f"{width} / {width}"
     assert "## meSimp" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_runs_are_ordered_seed_by_seed_so_a_stopped_reproduction_has_whole_seeds():
+    from mnist_meprop.reproduce import all_configs
+    specs = [load_spec(name) for name in ("1", "3")]
+    built = [(spec, build_configs(spec, data_settings("sample", None), [1, 2], None, True, None)) for spec in specs]
+    seeds = [config.seed for config in all_configs(built)]
+    assert seeds == sorted(seeds) and seeds.count(1) == seeds.count(2) == 9  # Table 1: 4 rows x 2, Table 3: +1
+
+
+def test_table1_has_the_authors_columns_and_the_ablation_one_row_per_detail(tmp_path):
+    result = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "1,early,ablation", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    table1 = {row[0]: row for row in csv.reader((tmp_path / "table1.csv").open())}
+    header = table1["row"]
+    adam = table1["Adam, meProp k=20"]
+    # the authors' C# program (its log, 7 3/8 epochs) and our run with its details, beside ours
+    assert adam[header.index("authors' C# here: test % (epochs run)")] == "95.75 (7 3/8)"
+    assert adam[header.index("ours + authors test %")] != adam[header.index("ours test %")]
+    assert adam[header.index("authors' C# here: speedup")].endswith("x")
+    assert table1["AdaGrad, meProp k=10"][header.index("authors' C# here: test % (epochs run)")] == ""  # k=20 in the log
+    ablation = {row[0]: row for row in csv.reader((tmp_path / "ablation.csv").open())}
+    assert ablation["Adam, meProp k=20: all the authors' details"][2] == "+0.00"
+    assert "AdaGrad, meProp k=10: adagrad_eps: outside" in ablation
+    assert "Adam, meProp k=20: adagrad_eps: outside" not in ablation  # means nothing to Adam
+    assert len(ablation) == 1 + 7 + 8
+    early = {row[0]: row for row in csv.reader((tmp_path / "early.csv").open())}
+    assert early["authors' C# program, meProp k=20 (seed 1)"][1:3] == ["2.20", "4.50"]
+    assert early["ours with preset authors-csharp, meProp k=20"][1] != ""
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "![early training loss](early-training-loss.png)" in report and "preset: authors-csharp" in report
+
+
+def test_report_only_trains_nothing_and_says_what_is_missing(tmp_path):
+    first = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "3", "--out", str(tmp_path)])
+    assert first.exit_code == 0, first.output
+    result = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "3,4", "--seeds", "2", "--report-only",
+                                       "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "done:" not in result.stderr
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "partial report**: 2 of 8 runs stored" in report
+    table4 = list(csv.reader((tmp_path / "table4.csv").open()))
+    assert table4[1][3] == "not run"
+    table3 = {row[0]: row for row in csv.reader((tmp_path / "table3.csv").open())}
+    assert table3["backprop, hidden 20"][1] == "1"  # one of the two seeds is stored
