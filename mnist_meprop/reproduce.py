@@ -236,41 +236,56 @@ def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, An
             headers += [f"{name} speedup" for name, _ in sources]
     cells = []
     for row in rows:
-        seeds = [len(values[(row.label, name)]["test"]) for name, _ in sources]
-        line = [row.label, " / ".join(str(n) for n in seeds)]
+        line = [row.label, " / ".join(str(len(values[(row.label, name)]["test"])) for name, _ in sources)]
         run = authors.get(row.authors) if row.authors else None
         for metric in metrics:
             if metric == "test":
-                paper = row.paper.get("test")
-                line.append(_opt(paper))
-                if with_authors:
-                    line.append(f"{run['best']['test_acc']:.2f} ({run['epochs_label']})" if run else "")
-                for name, _ in sources:
-                    found = values[(row.label, name)]["test"]
-                    if not found:
-                        line += [_missing(row, by_key), ""]
-                        continue
-                    mean, std = mean_std(found)
-                    line += [format_mean_std(mean, std, len(found)), "" if paper is None else f"{mean - paper:+.2f}"]
+                line += _test_cells(row, [values[(row.label, name)]["test"] for name, _ in sources], run,
+                                    with_authors, by_key)
                 continue
             base_row = next((r for r in rows if r.label == row.baseline), None)
-            times, ratios = [], []
-            for name, _ in sources:
-                found = values[(row.label, name)][metric]
-                times.append(format_mean_std(*mean_std(found), len(found)) if found else "")
-                base = values[(base_row.label, name)][metric] if base_row is not None else []
-                ratios.append(f"{statistics.fmean(base) / statistics.fmean(found):.1f}x"
-                              if found and base and statistics.fmean(found) > 0 else "")
-            paper_ratio = ""
-            if base_row is not None and base_row.paper.get(metric) and row.paper.get(metric):
-                paper_ratio = f"{base_row.paper[metric] / row.paper[metric]:.1f}x"
-            authors_ratio = ""
             base_run = authors.get(base_row.authors) if base_row is not None and base_row.authors else None
-            if run and base_run and authors_time(run, metric) and authors_time(base_run, metric):
-                authors_ratio = f"{authors_time(base_run, metric) / authors_time(run, metric):.1f}x"
-            line += times + [paper_ratio] + ([authors_ratio] if with_authors else []) + ratios
+            line += _time_cells(row, base_row, metric, [(values[(row.label, name)][metric],
+                                                          values[(base_row.label, name)][metric] if base_row else [])
+                                                         for name, _ in sources],
+                                (run, base_run) if with_authors else None)
         cells.append(line)
     return headers, cells
+
+
+def _test_cells(row: Row, per_source: list[list[float]], run: dict[str, Any] | None, with_authors: bool,
+                by_key: dict[str, dict[str, Any]]) -> list[str]:
+    """Paper, [the authors' program,] then per source: mean ± std and the difference to the paper."""
+    paper = row.paper.get("test")
+    cells = [_opt(paper)]
+    if with_authors:
+        cells.append(f"{run['best']['test_acc']:.2f} ({run['epochs_label']})" if run else "")
+    for found in per_source:
+        if not found:
+            cells += [_missing(row, by_key), ""]
+            continue
+        mean, std = mean_std(found)
+        cells += [format_mean_std(mean, std, len(found)), "" if paper is None else f"{mean - paper:+.2f}"]
+    return cells
+
+
+def _time_cells(row: Row, base_row: Row | None, metric: str, per_source: list[tuple[list[float], list[float]]],
+                authors_runs: tuple[dict[str, Any] | None, dict[str, Any] | None] | None) -> list[str]:
+    """Per source the time (mean ± std), then the paper's speedup over the baseline row, [the authors'
+    program's,] and per source ours; ``per_source`` holds (this row's values, the baseline row's values)."""
+    times = [format_mean_std(*mean_std(found), len(found)) if found else "" for found, _ in per_source]
+    ratios = [f"{statistics.fmean(base) / statistics.fmean(found):.1f}x"
+              if found and base and statistics.fmean(found) > 0 else "" for found, base in per_source]
+    paper_ratio = ""
+    if base_row is not None and base_row.paper.get(metric) and row.paper.get(metric):
+        paper_ratio = f"{base_row.paper[metric] / row.paper[metric]:.1f}x"
+    if authors_runs is None:
+        return times + [paper_ratio] + ratios
+    run, base_run = authors_runs
+    authors_ratio = ""
+    if run and base_run and authors_time(run, metric) and authors_time(base_run, metric):
+        authors_ratio = f"{authors_time(base_run, metric) / authors_time(run, metric):.1f}x"
+    return times + [paper_ratio, authors_ratio] + ratios
 
 
 def _missing(row: Row, by_key: dict[str, dict[str, Any]]) -> str:
