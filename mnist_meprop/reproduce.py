@@ -522,6 +522,8 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
     done = sum(run_key(c) in by_key for c in configs)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
+    run_threads = sorted({by_key[run_key(c)]["env"]["threads"] for c in configs if run_key(c) in by_key})
+    threads_text = " / ".join(map(str, run_threads)) if run_threads else str(env["threads"])
     sections = [
         "# meProp reproduction report",
         "",
@@ -532,7 +534,7 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
            if "fig4" in [spec.name for spec in specs] and (fig4_seeds, fig4_epochs) != (seeds, epochs) else "")
         + (f"; quick subset: {QUICK['train_limit']} train / {QUICK['dev_size']} dev / {QUICK['test_limit']} test"
            if quick else ""),
-        f"- torch {env['torch']}, {env['threads']} threads, {env['cpu']} ({env['cpu_count']} CPUs), "
+        f"- torch {env['torch']}, {threads_text} thread(s) per run, {env['cpu']} ({env['cpu_count']} CPUs), "
         f"Python {env['python']}",
         "- accuracies: test accuracy (%) at the best dev epoch, mean ± std over seeds; times: speedup of the",
         "  row over its backprop baseline (absolute seconds depend on the machine, so the paper's are not compared)",

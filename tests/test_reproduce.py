@@ -37,7 +37,7 @@ def test_quick_reproduction_writes_every_table_and_plot(tmp_path):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({plot})" in report
     assert "| Adam, meProp k=20 " in report and "98.01" in report and "21.5x" in report
-    assert "command: `" in report and "threads" in report
+    assert "command: `" in report and "thread(s) per run" in report
     again = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "1", "--out", str(tmp_path)])
     assert again.exit_code == 0
     assert "skipped" in again.stderr and "done:" not in again.stderr
