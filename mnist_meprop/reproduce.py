@@ -333,16 +333,24 @@ def early_lines(curves: list[tuple[str, list[float], list[float]]]) -> tuple[lis
 
 
 def early_plot(curves: list[tuple[str, list[float], list[float]]], out_dir: Path) -> Path:
-    """early-training-loss.png: training loss per 1/8 epoch; ours solid, the authors' C# program dashed."""
+    """early-training-loss.png: training loss per 1/8 epoch. Colour is the method (backprop blue, meProp
+    red), line and marker the implementation: ours solid, ours with the authors' details dash-dotted,
+    the authors' C# program dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7.2, 4.4))
+    seen: set[str] = set()
     for label, xs, ys in curves:
-        style = "--" if label.startswith("authors'") else ("-." if "preset" in label else "-")
-        marker = "o" if "meProp" in label else "s"
-        axis.plot(xs, ys, style, marker=marker, markersize=3, label=label)
+        authors, preset = label.startswith("authors'"), "preset" in label
+        style, marker = ("--", "^") if authors else (("-.", "s") if preset else ("-", "o"))
+        colour = "tab:red" if "meProp" in label else "tab:blue"
+        curve = label.split(" (seed")[0]
+        again = curve in seen  # a second seed of the same curve: fainter
+        seen.add(curve)
+        axis.plot(xs, ys, style, marker=marker, markersize=3, color=colour, alpha=0.45 if again else 1.0,
+                  label=label)
     axis.set_yscale("log")
     axis.set_xlabel("epoch (points every 1/8 epoch)")
     axis.set_ylabel("mean training loss over the 1/8 epoch")
