@@ -113,10 +113,14 @@ def load_spec(name: str) -> TableSpec:
 
 
 def fig4_rows(spec: TableSpec) -> list[Row]:
-    """Figure 4's series as rows: dense d=500, then per k: top-k, random-k, dense of hidden size k."""
+    """Figure 4's series as rows: dense d=500, then per k: top-k, random-k, dense of hidden size k.
+    A top-k point the authors' C# program was run at (same optimizer and k) shows its result too."""
     rows = [Row("backprop, hidden 500", {"k": 0}, {})]
+    measured = authors_runs()
     for k in spec.k_values:
-        rows += [Row(f"meProp top-k, k={k}", {"k": k, "selection": "topk"}, {}, rows[0].label),
+        authors = f"{spec.base['optimizer']}-meprop-k{k}-seed1"
+        rows += [Row(f"meProp top-k, k={k}", {"k": k, "selection": "topk"}, {}, rows[0].label,
+                     authors=authors if authors in measured else None),
                  Row(f"meProp random-k, k={k}", {"k": k, "selection": "random"}, {}, rows[0].label),
                  Row(f"backprop, hidden {k}", {"k": 0, "d_hidden": k}, {})]
     return rows
