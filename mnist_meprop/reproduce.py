@@ -344,7 +344,7 @@ def early_plot(curves: list[tuple[str, list[float], list[float]]], out_dir: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7.2, 4.4))
+    figure, axis = plt.subplots(figsize=(7.2, 5.4))
     seen: set[str] = set()
     for label, xs, ys in curves:
         authors, preset = label.startswith("authors'"), "preset" in label
@@ -358,7 +358,7 @@ def early_plot(curves: list[tuple[str, list[float], list[float]]], out_dir: Path
     axis.set_yscale("log")
     axis.set_xlabel("epoch (points every 1/8 epoch)")
     axis.set_ylabel("mean training loss over the 1/8 epoch")
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     axis.grid(alpha=0.3, which="both")
     figure.tight_layout()
     path = out_dir / "early-training-loss.png"
