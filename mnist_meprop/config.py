@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from .errors import ConfigError
-from .ops import is_meprop_active
+from .ops import BIAS_GRADS, is_meprop_active
 
 DATASETS = ("sample", "mnist", "fashion-mnist", "idx")
 OPTIMIZERS = ("adam", "adagrad", "sgd")
@@ -22,9 +22,8 @@ SELECTIONS = ("topk", "random")
 DEVICES = ("cpu", "cuda", "auto")
 INITS = ("torch", "authors-csharp", "authors-pytorch")
 LOSS_REDUCTIONS = ("mean", "sum")
-BIAS_GRADS = ("masked", "full")
 ADAGRAD_EPS = ("outside", "inside")
-# The authors' implementation details (see ../docs and the README): each preset sets these keys;
+# The authors' implementation details (see the README's "Configs"): each preset sets these keys;
 # keys given explicitly in the same config override the preset's value.
 PRESETS: dict[str, dict[str, Any]] = {
     # Their C# program (the paper's CPU experiments and meSimp).
