@@ -75,6 +75,7 @@ class TableSpec:
 
 SPEC_FILES = {"fig4": "fig4.yaml", "mesimp": "mesimp.yaml", "early": "early.yaml", "ablation": "ablation.yaml"}
 AUTHORS_DATA = "authors-csharp.yaml"
+EARLY_EPOCHS = 3  # the early-training figure and the ablation's early-loss column cover the first 3 epochs
 
 
 def spec_path(name: str) -> Path:
@@ -307,7 +308,7 @@ def loss_parts(record: dict[str, Any], epochs: int) -> list[float]:
 def early_series(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any]],
                  authors: dict[str, dict[str, Any]]) -> list[tuple[str, list[float], list[float]]]:
     """(label, epochs, losses) per curve: our runs (seed 1) and the authors' C# runs from their logs."""
-    shown = spec.base.get("epochs_shown", 3)
+    shown = EARLY_EPOCHS
     curves = []
     for row in rows:
         records = ok_records(row.configs, by_key)
@@ -381,7 +382,7 @@ def ablation_lines(rows: list[Row], by_key: dict[str, dict[str, Any]]) -> tuple[
             continue
         record = records[0]
         base = tests[row.baseline][0] if tests.get(row.baseline) else None
-        parts = loss_parts(record, 3)
+        parts = loss_parts(record, EARLY_EPOCHS)
         cells.append([row.label, f"{record['test_acc']:.2f}", "" if base is None else f"{record['test_acc'] - base:+.2f}",
                       f"{record['epochs'][0]['train_loss']:.3f}", f"{max(parts):.2f}" if parts else "",
                       f"{record['best_epoch']:g}"])
