@@ -27,6 +27,7 @@ from .log import to_stderr
 from .results import environment, format_mean_std, mean_std, mean_units
 from .runner import run_experiments
 from .store import latest_by_key, model_path, read_records, run_key
+from .train import LOSS_PARTS
 
 TABLES = ("1", "2", "3", "4", "5", "6", "fig4", "mesimp", "early", "ablation")
 # --quick: a few hundred examples, one epoch; enough to exercise every table and plot.
@@ -302,24 +303,23 @@ def _missing(row: Row, by_key: dict[str, dict[str, Any]]) -> str:
 def loss_parts(record: dict[str, Any], epochs: int) -> list[float]:
     """The run's training loss per 1/8 epoch over its first ``epochs`` epochs (empty if not recorded)."""
     parts = [part for epoch in record["epochs"][:epochs] for part in epoch.get("train_loss_parts", [])]
-    return parts if len(parts) == 8 * min(epochs, len(record["epochs"])) else []
+    return parts if len(parts) == LOSS_PARTS * min(epochs, len(record["epochs"])) else []
 
 
 def early_series(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any]],
                  authors: dict[str, dict[str, Any]]) -> list[tuple[str, list[float], list[float]]]:
     """(label, epochs, losses) per curve: our runs (seed 1) and the authors' C# runs from their logs."""
-    shown = EARLY_EPOCHS
     curves = []
     for row in rows:
         records = ok_records(row.configs, by_key)
-        parts = loss_parts(records[0], shown) if records else []
+        parts = loss_parts(records[0], EARLY_EPOCHS) if records else []
         if parts:
-            curves.append((row.label, [(i + 1) / 8 for i in range(len(parts))], parts))
+            curves.append((row.label, [(i + 1) / LOSS_PARTS for i in range(len(parts))], parts))
     for name in spec.authors:
         run = authors.get(name)
         if run is None:
             continue
-        points = [(part["at"], part["train_loss"]) for part in run["parts"] if part["at"] <= shown]
+        points = [(part["at"], part["train_loss"]) for part in run["parts"] if part["at"] <= EARLY_EPOCHS]
         method = "backprop" if run["k"] == 0 else f"meProp k={run['k']}"
         curves.append((f"authors' C# program, {method} (seed {run['seed']})",
                        [at for at, _ in points], [loss for _, loss in points]))
@@ -370,9 +370,10 @@ def early_plot(curves: list[tuple[str, list[float], list[float]]], out_dir: Path
 
 def ablation_lines(rows: list[Row], by_key: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Per ablation row: test accuracy, its change from the row with all the authors' details, the
-    first epoch's training loss and the largest 1/8-epoch loss of the first 3 epochs (the early blow-up)."""
+    largest 1/8-epoch training loss of the first 3 epochs (the early blow-up), the third epoch's training
+    loss (the recovery from it) and the best epoch."""
     headers = ["setting: detail switched back to ours", "test %", "change vs all the authors' details",
-               "epoch 1 train loss", "max 1/8-epoch train loss, epochs 1-3", "best epoch"]
+               "max 1/8-epoch train loss, epochs 1-3", "epoch 3 train loss", "best epoch"]
     cells = []
     tests = {row.label: [r["test_acc"] for r in ok_records(row.configs, by_key)] for row in rows}
     for row in rows:
@@ -383,8 +384,10 @@ def ablation_lines(rows: list[Row], by_key: dict[str, dict[str, Any]]) -> tuple[
         record = records[0]
         base = tests[row.baseline][0] if tests.get(row.baseline) else None
         parts = loss_parts(record, EARLY_EPOCHS)
+        epochs = record["epochs"]
         cells.append([row.label, f"{record['test_acc']:.2f}", "" if base is None else f"{record['test_acc'] - base:+.2f}",
-                      f"{record['epochs'][0]['train_loss']:.3f}", f"{max(parts):.2f}" if parts else "",
+                      f"{max(parts):.2f}" if parts else "",
+                      f"{epochs[EARLY_EPOCHS - 1]['train_loss']:.3f}" if len(epochs) >= EARLY_EPOCHS else "",
                       f"{record['best_epoch']:g}"])
     return headers, cells
 
