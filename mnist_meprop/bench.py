@@ -202,8 +202,7 @@ def run_bench(quick: bool = False, repeats: int | None = None, warmup: int = 100
         records.append(_record(d_hidden, batch, 0, "dense", dense, None))
         runs: list[tuple[str, int]] = [("ours_k0", 0)] + [(mode, k) for mode in modes for k in ks if k < d_hidden]
         for mode, k in runs:
-            config = Config(optimizer=optimizer, d_hidden=d_hidden, k=k, unified=(mode == "unified"),
-                            sparse_update=True).replace()
+            config = Config(optimizer=optimizer, d_hidden=d_hidden, k=k, unified=(mode == "unified")).replace()
             torch.manual_seed(0)
             model = build_mlp(D_INPUT, N_CLASSES, d_hidden, 3, k, unified=config.unified, sparse_grad=True).to(target)
             timings = _measure(model, build_optimizer(config, model), batches, repeats, warmup, stamps)

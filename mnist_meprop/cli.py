@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def _heading(config: Config) -> str:
     env = environment()
     return (f"## {config.name}: {config.dataset}, MLP {config.n_layer} layers, hidden {config.d_hidden}, "
             f"minibatch {config.d_minibatch}, {config.optimizer} lr {config.lr:g}"
-            f"{' (row-sparse update)' if config.sparse_update else ''}, dropout {config.dropout:g}, "
+            f" ({config.sparse_update} update), dropout {config.dropout:g}, "
             f"{config.n_epoch} epochs; torch {env['torch']}, {env['threads']} threads, {env['cpu']}, {config.device}")
 
 
@@ -82,6 +83,12 @@ def main() -> None:
     Runs already stored in the output folder are skipped, and an interrupted run (Ctrl-C)
     resumes from its last finished epoch when the same command is run again.
     """
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 (warnings' hook)
+    """Warnings (e.g. a deprecated config value) as one line, without the source line."""
+    return f"meprop: warning: {message}\n"
 
 
 @main.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -23,6 +24,9 @@ DEVICES = ("cpu", "cuda", "auto")
 INITS = ("torch", "authors-csharp", "authors-pytorch")
 LOSS_REDUCTIONS = ("mean", "sum")
 ADAGRAD_EPS = ("outside", "inside")
+SPARSE_UPDATES = ("exact", "lazy", "dense")  # see mnist_meprop.optim
+# sparse_update was a bool before it had three values: true was the lazy update, false the dense one.
+_LEGACY_SPARSE_UPDATE = {True: "lazy", False: "dense"}
 # The authors' implementation details (see the README's "Configs"): each preset sets these keys;
 # keys given explicitly in the same config override the preset's value.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -68,7 +72,7 @@ class Config:
     dropout: float = 0.0
     optimizer: str = "adam"
     lr: float | None = None
-    sparse_update: bool = False
+    sparse_update: str = "exact"
     seed: int = 1
     threads: int | None = None
     device: str = "cpu"
@@ -125,7 +129,7 @@ _RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]] = {
     "dropout": (float, False, _dropout_range),
     "optimizer": (str, False, _one_of(OPTIMIZERS)),
     "lr": (float, True, lambda v: None if v > 0 else "must be > 0"),
-    "sparse_update": (bool, False, None),
+    "sparse_update": (str, False, _one_of(SPARSE_UPDATES)),
     "seed": (int, False, _at_least(0)),
     "threads": (int, True, _at_least(1)),
     "device": (str, False, _one_of(DEVICES)),
@@ -189,6 +193,11 @@ def validate(raw: dict[str, Any]) -> Config:
     if "preset" in raw and raw["preset"] is not None:
         preset = _check_value("preset", raw["preset"])
         raw = {**PRESETS[preset], **raw}
+    if isinstance(raw.get("sparse_update"), bool):
+        value = _LEGACY_SPARSE_UPDATE[raw["sparse_update"]]
+        warnings.warn(f"sparse_update: {str(raw['sparse_update']).lower()} is deprecated, read as {value} "
+                      f"(use one of {', '.join(SPARSE_UPDATES)})", FutureWarning, stacklevel=2)
+        raw = {**raw, "sparse_update": value}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in _RULES:

@@ -36,7 +36,8 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
 def _slice_parameter(module: nn.Module, name: str, keep: torch.Tensor, dim: int,
                      optimizer: OptimizerGroup | None) -> None:
     """Replace ``module.<name>`` by a new ``Parameter`` holding only the entries ``keep`` along
-    ``dim``, and move its optimizer state (same-shaped tensors sliced alike) to the new one.
+    ``dim``, and move its optimizer state (same-shaped tensors sliced alike, per-row ones such as
+    exact Adam's ``last_step`` too when rows are cut) to the new one.
 
     A new ``Parameter`` is needed: autograd remembers a parameter's shape, so resizing one in
     place would break the next backward.
@@ -51,10 +52,19 @@ def _slice_parameter(module: nn.Module, name: str, keep: torch.Tensor, dim: int,
             group["params"] = [new if param is old else param for param in group["params"]]
         if old in inner.state:
             state = inner.state.pop(old)
-            inner.state[new] = {key: value.index_select(dim, keep).contiguous()
-                                if torch.is_tensor(value) and value.shape == old.shape else value
-                                for key, value in state.items()}
+            inner.state[new] = {key: _slice_state(value, old.shape, keep, dim) for key, value in state.items()}
     optimizer.densify = [new if param is old else param for param in optimizer.densify]
+
+
+def _slice_state(value: Any, shape: torch.Size, keep: torch.Tensor, dim: int) -> Any:
+    """One optimizer-state entry of a parameter of ``shape`` cut to ``keep`` along ``dim``."""
+    if not torch.is_tensor(value):
+        return value
+    if value.shape == shape:
+        return value.index_select(dim, keep).contiguous()
+    if dim == 0 and value.dim() == 1 and len(value) == shape[0]:  # one entry per row
+        return value.index_select(0, keep).contiguous()
+    return value
 
 
 def remove_units(model: nn.Module, layer: int, keep: torch.Tensor, optimizer: OptimizerGroup | None = None) -> None:

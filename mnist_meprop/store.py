@@ -35,7 +35,11 @@ MODEL_DIR = "models"
 LOCK_DIR = ".locks"
 
 
-_DEFAULTS = Config().to_dict()
+# Keys are hashed against these values, not today's defaults, so that a default changing keeps
+# old run keys: sparse_update's values were stored as booleans (false, the dense update, was the
+# default) before it had three values and "exact" became the default.
+_KEY_BASELINE = {**Config().to_dict(), "sparse_update": False}
+_KEY_SPELLING = {"sparse_update": {"dense": False, "lazy": True}}
 
 
 def run_key(config: Config) -> str:
@@ -43,11 +47,12 @@ def run_key(config: Config) -> str:
 
     ``name`` only labels the output, and ``preset`` only names where the settings came from
     (they are in the config, resolved), so both are left out: the same settings under two
-    names are one run. Settings at their default value are left out too, so adding a new
-    option (with a default that keeps the old behaviour) does not change existing keys.
+    names are one run. Settings at their original default value are left out too, so adding a
+    new option (with a default that keeps the old behaviour) does not change existing keys.
     """
-    settings = {key: value for key, value in config.to_dict().items()
-                if key not in ("name", "preset") and value != _DEFAULTS[key]}
+    settings = {key: _KEY_SPELLING[key].get(value, value) if key in _KEY_SPELLING else value
+                for key, value in config.to_dict().items() if key not in ("name", "preset")}
+    settings = {key: value for key, value in settings.items() if value != _KEY_BASELINE[key]}
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 

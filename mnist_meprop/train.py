@@ -145,21 +145,23 @@ def _evaluate(run: _Run, at: float) -> dict[str, Any]:
     as the best (saved to the run's model file). Returns what was measured."""
     result, timings = run.result, run.result.timings
     eval_start = run.clock()
-    dev_loss, dev_acc = run.task.evaluate(run.model, run.data.dev_x, run.data.dev_y)
-    test_acc = None
-    improved = dev_acc > result.best_dev_acc
-    if improved:
-        _, test_acc = run.task.evaluate(run.model, run.data.test_x, run.data.test_y)
-        result.best_dev_acc, result.test_acc = dev_acc, test_acc
-        result.best_epoch = int(at) if float(at).is_integer() else at
-        result.units_at_best = run.simplifier.active_units() if run.simplifier is not None else None
-    timings["eval"] += run.clock() - eval_start
-    run.model.train()
-    if improved and run.model_file is not None:
-        save_checkpoint(run.model_file, {
-            "config": run.config.to_dict(), "model": run.model.state_dict(), "epoch": at,
-            "units": run.simplifier.units if run.simplifier is not None else None,
-            "n_features": run.data.n_features, "n_classes": run.data.n_classes})
+    # exact row-sparse Adam: evaluate (and save) the up-to-date weights, then train on as before
+    with run.optimizer.up_to_date():
+        dev_loss, dev_acc = run.task.evaluate(run.model, run.data.dev_x, run.data.dev_y)
+        test_acc = None
+        improved = dev_acc > result.best_dev_acc
+        if improved:
+            _, test_acc = run.task.evaluate(run.model, run.data.test_x, run.data.test_y)
+            result.best_dev_acc, result.test_acc = dev_acc, test_acc
+            result.best_epoch = int(at) if float(at).is_integer() else at
+            result.units_at_best = run.simplifier.active_units() if run.simplifier is not None else None
+        timings["eval"] += run.clock() - eval_start
+        run.model.train()
+        if improved and run.model_file is not None:
+            save_checkpoint(run.model_file, {
+                "config": run.config.to_dict(), "model": run.model.state_dict(), "epoch": at,
+                "units": run.simplifier.units if run.simplifier is not None else None,
+                "n_features": run.data.n_features, "n_classes": run.data.n_classes})
     return {"at": at, "dev_loss": dev_loss, "dev_acc": dev_acc, "test_acc": test_acc}
 
 
@@ -171,6 +173,7 @@ def _train_epoch(run: _Run, epoch: int, should_stop: Callable[[], bool] | None) 
     model.train()
     if run.simplifier is not None:
         if run.simplifier.starts_cycle(epoch) and config.simplify.reset_optimizer and epoch > 1:
+            run.optimizer.close()
             run.optimizer = build_optimizer(config, model)
         run.simplifier.start_epoch(epoch)
     n_train = len(run.data.train_y)
@@ -269,6 +272,9 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     elapsed_before, run_start = timings["total"], run.clock()
     for epoch in range(len(result.epochs) + 1, config.n_epoch + 1):
         record = _train_epoch(run, epoch, should_stop)
+        # Exact row-sparse Adam applies pending idle steps for good at each epoch's end (whether or
+        # not a checkpoint is saved), so a resumed run continues exactly as an uninterrupted one.
+        run.optimizer.flush()
         result.epochs.append(record)
         if run.simplifier is not None:
             result.units, result.prunes = record["units"], run.simplifier.prunes

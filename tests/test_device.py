@@ -60,6 +60,6 @@ def test_row_sparse_update_on_gpu_matches_cpu(kind):
 @needs_gpu
 def test_training_runs_on_gpu():
     config = Config(dataset="sample", dev_size=100, train_limit=300, test_limit=100, n_epoch=2, d_hidden=32,
-                    k=8, device="cuda", sparse_update=True).replace()
+                    k=8, device="cuda").replace()
     result = train_run(config, load_data(config), lambda line: None)
     assert result.test_acc > 30

@@ -74,7 +74,7 @@ def test_run_key_depends_on_every_setting_but_the_name():
     assert run_key(base) == run_key(Config(**TINY))
     assert run_key(base) == run_key(base.replace(name="another-label"))
     variants = [base.replace(**{key: value}) for key, value in
-                [("k", 5), ("seed", 2), ("n_epoch", 4), ("unified", True), ("sparse_update", True),
+                [("k", 5), ("seed", 2), ("n_epoch", 4), ("unified", True), ("sparse_update", "lazy"), ("sparse_update", "dense"),
                  ("dropout", 0.1), ("dataset", "fashion-mnist"), ("device", "auto")]]
     assert len({run_key(base), *map(run_key, variants)}) == len(variants) + 1
 

@@ -1,6 +1,6 @@
-// CPU kernels for meProp: the per-example top-k backward of a linear layer, and lazy row-sparse
-// optimizer updates. Built on first use by mnist_meprop.kernels (torch.utils.cpp_extension);
-// the package falls back to equivalent PyTorch code when no compiler is available.
+// CPU kernels for meProp: the per-example top-k backward of a linear layer, and row-sparse
+// optimizer updates (exact and lazy Adam, AdaGrad). Built on first use by mnist_meprop.kernels
+// (torch.utils.cpp_extension); the package falls back to equivalent PyTorch code when no compiler is available.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -140,7 +140,7 @@ std::vector<torch::Tensor> per_example_backward(torch::Tensor dy, c10::optional<
   return {dx, rows, w_values, b_values};
 }
 
-// Lazy Adam on the given rows of param (moments of other rows are left as they are).
+// Lazy Adam on the given rows of param (moments of other rows are left as they are, as SparseAdam).
 void adam_rows(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, torch::Tensor rows,
                torch::Tensor values, double lr, double beta1, double beta2, double eps, int64_t step) {
   const int64_t n_rows = rows.numel();
@@ -168,6 +168,83 @@ void adam_rows(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg
           vv[c] = b2 * vv[c] + one_b2 * gc * gc;
           pp[c] -= step_size * mm[c] / (std::sqrt(vv[c]) * inv_b2 + e);
         }
+      }
+    });
+  });
+}
+
+// Exact row-sparse Adam: the result of dense torch.optim.Adam while touching only some rows.
+// A row last updated at step last_step[r] has since had zero gradient: in dense Adam its moments
+// decayed (m *= beta1, v *= beta2 per step) and it kept moving on its first moment. Those idle
+// steps are applied here, per element (elements whose sqrt(v) is near eps do not factor into one
+// scalar per row), summing the first `horizon` of them: later idle steps shrink like
+// (beta1 / sqrt(beta2))^i and are below float precision; the moments decay in closed form.
+// With values [rows, ...], the rows catch up to step - 1 and then take this step's gradient;
+// without, they catch up to `step` (a flush before the weights are read).
+void adam_rows_exact(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, torch::Tensor last_step,
+                     torch::Tensor rows, c10::optional<torch::Tensor> values_opt, double lr, double beta1,
+                     double beta2, double eps, int64_t step, int64_t horizon) {
+  TORCH_CHECK(last_step.scalar_type() == torch::kLong && last_step.is_contiguous(), "last_step must be int64");
+  const bool has_values = values_opt.has_value();
+  const int64_t n_rows = rows.numel();
+  const int64_t width = param.numel() / std::max<int64_t>(param.size(0), 1);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  int64_t* last = last_step.data_ptr<int64_t>();
+  const int64_t upto = has_values ? step - 1 : step;
+  const double bias1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bias2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "meprop_adam_rows_exact", [&] {
+    scalar_t* p = param.data_ptr<scalar_t>();
+    scalar_t* m = exp_avg.data_ptr<scalar_t>();
+    scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
+    const scalar_t* g = has_values ? values_opt->data_ptr<scalar_t>() : nullptr;
+    const scalar_t b1 = beta1, b2 = beta2, one_b1 = 1 - beta1, one_b2 = 1 - beta2, e = eps;
+    const scalar_t step_size = lr / bias1, inv_b2 = 1.0 / bias2_sqrt;
+    at::parallel_for(0, n_rows, grain(n_rows, width * 8), [&](int64_t i0, int64_t i1) {
+      std::vector<scalar_t> scale, shrink, root(width), moved(width);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t row = r[i], off = row * width;
+        scalar_t* __restrict__ pp = p + off;
+        scalar_t* __restrict__ mm = m + off;
+        scalar_t* __restrict__ vv = v + off;
+        const int64_t idle = upto - last[row];
+        if (idle > 0) {
+          // idle step j = last + q (q = 1..n): p -= lr / (1 - beta1^j) * beta1^q m
+          //                                       / (beta2^(q/2) sqrt(v) / sqrt(1 - beta2^j) + eps)
+          const int64_t n = std::min(idle, horizon);
+          scale.resize(n);
+          shrink.resize(n);
+          for (int64_t q = 1; q <= n; ++q) {
+            const double j = static_cast<double>(last[row] + q);
+            scale[q - 1] = lr * std::pow(beta1, static_cast<double>(q)) / (1.0 - std::pow(beta1, j));
+            shrink[q - 1] = std::pow(beta2, 0.5 * q) / std::sqrt(1.0 - std::pow(beta2, j));
+          }
+          for (int64_t c = 0; c < width; ++c) {
+            root[c] = std::sqrt(vv[c]);
+            moved[c] = 0;
+          }
+          for (int64_t q = 0; q < n; ++q) {
+            const scalar_t a = scale[q], b = shrink[q];
+            for (int64_t c = 0; c < width; ++c) moved[c] += a * mm[c] / (b * root[c] + e);
+          }
+          const scalar_t decay1 = std::pow(beta1, static_cast<double>(idle));
+          const scalar_t decay2 = std::pow(beta2, static_cast<double>(idle));
+          for (int64_t c = 0; c < width; ++c) {
+            pp[c] -= moved[c];
+            mm[c] *= decay1;
+            vv[c] *= decay2;
+          }
+        }
+        if (g != nullptr) {
+          const scalar_t* __restrict__ gg = g + i * width;
+          for (int64_t c = 0; c < width; ++c) {
+            const scalar_t gc = gg[c];
+            mm[c] = b1 * mm[c] + one_b1 * gc;
+            vv[c] = b2 * vv[c] + one_b2 * gc * gc;
+            pp[c] -= step_size * mm[c] / (std::sqrt(vv[c]) * inv_b2 + e);
+          }
+        }
+        last[row] = has_values ? step : upto;
       }
     });
   });
@@ -202,5 +279,6 @@ void adagrad_rows(torch::Tensor param, torch::Tensor state_sum, torch::Tensor ro
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("per_example_backward", &per_example_backward, "meProp per-example backward (CPU)");
   m.def("adam_rows", &adam_rows, "lazy Adam update of some rows (CPU)");
+  m.def("adam_rows_exact", &adam_rows_exact, "exact (dense-equivalent) Adam update of some rows (CPU)");
   m.def("adagrad_rows", &adagrad_rows, "AdaGrad update of some rows (CPU)");
 }
