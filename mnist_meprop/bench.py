@@ -1,20 +1,33 @@
-"""``meprop bench``: per-phase timings of meProp MLPs against a plain ``nn.Linear`` MLP.
+"""``meprop bench``: per-phase timings of meProp MLPs against a plain ``nn.Linear`` MLP, held to a bound.
 
-Everything runs in one process with a fixed thread count, after warm-up; each figure is a
-median over repeated iterations on real MNIST digits (the bundled sample). The dense
-baseline is ``nn.Linear`` layers with torch's own optimizer (fused Adam where torch has
-it); meProp models use row-sparse gradients and row-sparse updates. "Linear backward" is
-timed the same way for both: one backward through the linear layers alone, replayed on the
-inputs and output gradients they had in a real backward pass. On a GPU, CUDA events time
-every phase.
+Everything runs in one process with a fixed thread count, after warm-up, on real MNIST digits
+(the bundled sample). Per setting (width, minibatch) the compared models are timed
+*interleaved*: round by round, each model runs a few steps in turn (the order rotating), so
+drift on a noisy machine hits them alike; every speedup is the median of the per-round ratios,
+with its spread (the interquartile range over the median), and rows whose spread exceeds 10%
+are marked. Baselines: ``dense`` is ``nn.Linear`` layers with torch's own optimizer (fused Adam
+where torch has it), i.e. stock PyTorch; ``ours_k0`` is our engine with meProp off. meProp models
+use row-sparse gradients and the row-sparse update (``sparse_update: exact``). "Linear backward"
+is timed the same way for all: one backward through the linear layers alone, replayed on the
+inputs and output gradients they had in a real backward pass.
+
+The bound: each row states the time lower bound of the linear backward, dense and meProp, from
+its FLOPs at the GEMM rate and from its bytes moved at the memory bandwidth, both measured here
+at the start; the larger of the two binds, per layer. Their ratio is the speedup limit, and
+``percent_of_bound`` is the measured speedup over stock dense as a percentage of it. At minibatch
+10, per-example top-k touches at most 10 k rows of each weight (the union is counted from the
+real gradients), and bytes bind; at large width with unified top-k, FLOPs do. On a GPU, CUDA
+events time every phase.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +43,11 @@ from .optim import build_optimizer, stock_optimizer
 D_INPUT, N_CLASSES = 784, 10
 FULL_GRID = {"d_hidden": (500, 2000), "minibatch": (1, 10, 50, 200), "k": (10, 20, 30, 80, 160)}
 # --quick: every target setting of the issue, with its baselines.
-QUICK_CASES = ((500, 10, "per_example", (20,)), (500, 50, "unified", (30,)), (2000, 50, "unified", (20,)))
+QUICK_CASES = ((500, 10, "per_example", (20,)), (500, 50, "unified", (30,)), (500, 200, "per_example", (20,)),
+               (2000, 50, "unified", (20,)))
 PHASES = ("forward", "linear_backward", "backward", "update", "step")
+NOISY_SPREAD = 0.10  # a speedup whose per-round ratios spread more than this is marked
+FLOAT_BYTES = 4
 
 
 def flop_limit(d_input: int, d_hidden: int, n_classes: int, k: int) -> float:
@@ -41,22 +57,112 @@ def flop_limit(d_input: int, d_hidden: int, n_classes: int, k: int) -> float:
     return dense / sparse
 
 
+@dataclass(frozen=True)
+class MachineRates:
+    """What this machine sustains at the bench's thread count: float32 GEMM, and copying a buffer
+    the size of the model's weights (in cache when they fit, as in training)."""
+
+    gemm_flops: float  # FLOP/s
+    bandwidth: float  # bytes/s (read + write)
+
+
+def _best_seconds(stamps: "_Stamps", work: Callable[[], Any], times: int = 5) -> float:
+    work()
+    samples = []
+    for _ in range(times):
+        start = stamps.now()
+        work()
+        samples.append(stamps.seconds(start, stamps.now()))
+    return min(samples)
+
+
+def gemm_rate(device: torch.device, size: int = 1024) -> float:
+    """FLOP/s of a ``size``-cube float32 matmul (best of 5): the rate the FLOP bound assumes."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    return 2 * size**3 / _best_seconds(_Stamps(device), lambda: a.mm(b))
+
+
+def copy_bandwidth(device: torch.device, n_bytes: int) -> float:
+    """Bytes/s (read + write) copying a buffer of ``n_bytes`` (best of 5, repeated to at least 64 MB)."""
+    floats = max(1, n_bytes // FLOAT_BYTES)
+    src, dst = torch.empty(floats, device=device).uniform_(), torch.empty(floats, device=device)
+    repeat = max(1, (64 << 20) // (floats * FLOAT_BYTES))
+
+    def copies() -> None:
+        for _ in range(repeat):
+            dst.copy_(src)
+    return 2 * FLOAT_BYTES * floats * repeat / _best_seconds(_Stamps(device), copies)
+
+
+@dataclass(frozen=True)
+class Bound:
+    dense_s: float
+    meprop_s: float
+    binding: str  # "bytes" or "flops": what bounds the meProp backward (summed over layers)
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_s / self.meprop_s
+
+
+def linear_backward_bound(d_hidden: int, minibatch: int, k: int, unified: bool, touched: list[int] | None,
+                          rates: MachineRates) -> Bound:
+    """Lower bounds on the linear backward of the MLP 784-d-d-10, dense and meProp (k on the hidden
+    layers; k=0 is dense), each layer bounded by max(FLOPs / GEMM rate, bytes / bandwidth).
+
+    Dense layer [out, in], n examples: 2n·out·in FLOPs for dW, as many for dx (not on the first
+    layer); bytes: dW written and, for dx, W read. meProp layer: 2n·k·in FLOPs each; bytes: the
+    touched rows of dW written and of W read. Touched rows: k when unified, else the union counted
+    in ``touched`` (at most n·k). The minibatch-sized tensors (dy, x, dx) are left out: they stay in cache.
+    """
+    layers = [(D_INPUT, d_hidden, False, True), (d_hidden, d_hidden, True, True), (d_hidden, N_CLASSES, True, False)]
+    dense_s = meprop_s = flops_s = bytes_s = 0.0
+    for index, (fan_in, out, needs_dx, hidden) in enumerate(layers):
+        passes = 2 if needs_dx else 1
+        dense_flops = 2 * minibatch * out * fan_in * passes
+        dense_bytes = FLOAT_BYTES * (out * fan_in + out) * passes
+        dense_s += max(dense_flops / rates.gemm_flops, dense_bytes / rates.bandwidth)
+        if hidden and 0 < k < out:
+            rows = k if unified else (touched[index] if touched else min(out, minibatch * k))
+            flops = 2 * minibatch * k * fan_in * passes
+            moved = FLOAT_BYTES * (rows * fan_in + rows) * passes
+        else:
+            flops, moved = dense_flops, dense_bytes
+        flops_s += flops / rates.gemm_flops
+        bytes_s += moved / rates.bandwidth
+        meprop_s += max(flops / rates.gemm_flops, moved / rates.bandwidth)
+    return Bound(dense_s, meprop_s, "bytes" if bytes_s >= flops_s else "flops")
+
+
 @dataclass
 class BenchRecord:
     d_hidden: int
     minibatch: int
     k: int
-    mode: str  # dense (nn.Linear), ours_k0, unified, per_example
+    mode: str  # dense (nn.Linear + stock optimizer), ours_k0, unified, per_example
     forward_us: float
     linear_backward_us: float
     backward_us: float
     update_us: float
     step_us: float
-    linear_backward_speedup: float | None = None
+    linear_backward_speedup: float | None = None  # against stock PyTorch dense, as every *_speedup
     backward_speedup: float | None = None
     step_speedup: float | None = None
     flop_limit: float | None = None
     pct_of_flop_limit: float | None = None
+    step_speedup_vs_engine_dense: float | None = None
+    linear_backward_speedup_spread: float | None = None
+    step_speedup_spread: float | None = None
+    noisy: bool = False
+    touched_rows: list[int] | None = None  # rows of each weight that got a gradient (mean per step)
+    dense_bound_us: float | None = None
+    meprop_bound_us: float | None = None
+    bound_binding: str | None = None
+    bound_speedup: float | None = None
+    percent_of_bound: float | None = None
+    gemm_gflops: float | None = None  # the rates the bound assumes
+    bandwidth_gbs: float | None = None
+    rounds: int = 0
 
 
 def _dense_mlp(d_hidden: int) -> nn.Sequential:
@@ -88,10 +194,24 @@ class _Stamps:
         return end - start
 
 
-def _time_linear_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int, warmup: int,
-                          stamps: _Stamps) -> float:
-    """Median time of one backward through all the linear layers alone, on the inputs and output
-    gradients they had in a real backward pass (the same replay for every model)."""
+@dataclass
+class _Subject:
+    """One compared model: its optimizer, its linear-backward replay and its per-round medians."""
+
+    mode: str
+    k: int
+    model: nn.Module
+    optimizer: Any
+    replay: Callable[[int], float]
+    touched: list[int] | None
+    rounds: list[dict[str, float]] = field(default_factory=list)
+
+
+def _linear_backward_replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                            stamps: _Stamps) -> tuple[Callable[[int], float], list[int] | None]:
+    """A function timing ``n`` backwards through the model's linear layers alone (median seconds),
+    on the inputs and output gradients they had in a real backward pass; and, for row-sparse
+    gradients, how many rows of each layer's weight that backward touched."""
     layers = _linear_layers(model)
     inputs, grads = {}, {}
 
@@ -100,32 +220,40 @@ def _time_linear_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, re
         output.register_hook(lambda grad: grads.__setitem__(module, grad.detach()))
 
     hooks = [layer.register_forward_hook(capture) for layer in layers]
+    model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     for hook in hooks:
         hook.remove()
+    touched = None
+    if any(layer.weight.grad is not None and layer.weight.grad.is_sparse for layer in layers):
+        touched = [int(layer.weight.grad.coalesce()._indices().shape[1]) if layer.weight.grad.is_sparse
+                   else layer.out_features for layer in layers]
+    model.zero_grad(set_to_none=True)
     replay_inputs = [inputs[layer].clone().requires_grad_(index > 0) for index, layer in enumerate(layers)]
     outputs = [layer(layer_input) for layer, layer_input in zip(layers, replay_inputs)]
     output_grads = [grads[layer] for layer in layers]
-    samples = []
-    for step in range(warmup + repeats):
+
+    def replay(n: int) -> float:
+        samples = []
+        for _ in range(n):
+            model.zero_grad(set_to_none=True)
+            for layer_input in replay_inputs:
+                layer_input.grad = None
+            start = stamps.now()
+            torch.autograd.backward(outputs, output_grads, retain_graph=True)
+            samples.append(stamps.seconds(start, stamps.now()))
         model.zero_grad(set_to_none=True)
-        for layer_input in replay_inputs:
-            layer_input.grad = None
-        start = stamps.now()
-        torch.autograd.backward(outputs, output_grads, retain_graph=True)
-        end = stamps.now()
-        if step >= warmup:
-            samples.append(stamps.seconds(start, end))
-    model.zero_grad(set_to_none=True)
-    return statistics.median(samples) * 1e6
+        return statistics.median(samples)
+    return replay, touched
 
 
-def _time_steps(model: nn.Module, optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]], repeats: int,
-                warmup: int, stamps: _Stamps) -> dict[str, float]:
+def _time_steps(model: nn.Module, optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int,
+                stamps: _Stamps, offset: int = 0) -> dict[str, float]:
+    """Median seconds per phase over ``steps`` training steps (batches taken from ``offset`` on)."""
     samples: dict[str, list[float]] = {phase: [] for phase in ("forward", "backward", "update", "step")}
     model.train()
-    for step in range(warmup + repeats):
-        x, y = batches[step % len(batches)]
+    for step in range(steps):
+        x, y = batches[(offset + step) % len(batches)]
         t0 = stamps.now()
         loss = F.cross_entropy(model(x), y)
         t1 = stamps.now()
@@ -134,32 +262,65 @@ def _time_steps(model: nn.Module, optimizer, batches: list[tuple[torch.Tensor, t
         optimizer.step()
         optimizer.zero_grad()
         t3 = stamps.now()
-        if step >= warmup:
-            samples["forward"].append(stamps.seconds(t0, t1))
-            samples["backward"].append(stamps.seconds(t1, t2))
-            samples["update"].append(stamps.seconds(t2, t3))
-            samples["step"].append(stamps.seconds(t0, t3))
-    return {phase: statistics.median(values) * 1e6 for phase, values in samples.items()}
+        samples["forward"].append(stamps.seconds(t0, t1))
+        samples["backward"].append(stamps.seconds(t1, t2))
+        samples["update"].append(stamps.seconds(t2, t3))
+        samples["step"].append(stamps.seconds(t0, t3))
+    return {phase: statistics.median(values) for phase, values in samples.items()}
 
 
-def _measure(model: nn.Module, optimizer, batches, repeats: int, warmup: int, stamps: _Stamps) -> dict[str, float]:
-    timings = _time_steps(model, optimizer, batches, repeats, warmup, stamps)
-    x, y = batches[0]
-    timings["linear_backward"] = _time_linear_backward(model, x, y, repeats, warmup, stamps)
-    return timings
+def _time_interleaved(subjects: list[_Subject], batches, steps: int, rounds: int, warmup: int,
+                      stamps: _Stamps) -> None:
+    """Warm every subject up, then ``rounds`` rounds in which each (in a rotating order) runs
+    ``steps`` training steps and ``steps`` linear-backward replays; per-round medians are kept."""
+    for subject in subjects:
+        _time_steps(subject.model, subject.optimizer, batches, warmup, stamps)
+        subject.replay(max(1, warmup // 4))
+    for index in range(rounds):
+        shift = index % len(subjects)
+        for subject in subjects[shift:] + subjects[:shift]:
+            timings = _time_steps(subject.model, subject.optimizer, batches, steps, stamps, offset=index * steps)
+            timings["linear_backward"] = subject.replay(steps)
+            subject.rounds.append(timings)
 
 
-def _record(d_hidden: int, batch: int, k: int, mode: str, timings: dict[str, float],
-            dense: dict[str, float] | None) -> BenchRecord:
-    record = BenchRecord(d_hidden, batch, k, mode, *(round(timings[p], 1) for p in
-                                                     ("forward", "linear_backward", "backward", "update", "step")))
-    if dense is not None:
-        record.linear_backward_speedup = round(dense["linear_backward"] / timings["linear_backward"], 2)
-        record.backward_speedup = round(dense["backward"] / timings["backward"], 2)
-        record.step_speedup = round(dense["step"] / timings["step"], 2)
-    if mode in ("unified", "per_example"):
-        record.flop_limit = round(flop_limit(D_INPUT, d_hidden, N_CLASSES, k), 2)
-        record.pct_of_flop_limit = round(100 * record.linear_backward_speedup / record.flop_limit, 1)
+def _median_of(subject: _Subject, phase: str) -> float:
+    return statistics.median(r[phase] for r in subject.rounds)
+
+
+def _ratio(base: _Subject, subject: _Subject, phase: str) -> tuple[float, float]:
+    """Median of the per-round ratios base / subject for ``phase``, and their spread (IQR / median)."""
+    ratios = sorted(b[phase] / s[phase] for b, s in zip(base.rounds, subject.rounds))
+    middle = statistics.median(ratios)
+    if len(ratios) < 4:
+        return middle, (ratios[-1] - ratios[0]) / middle
+    quartiles = statistics.quantiles(ratios, n=4)
+    return middle, (quartiles[2] - quartiles[0]) / middle
+
+
+def _record(d_hidden: int, batch: int, subject: _Subject, stock: _Subject, engine: _Subject | None,
+            rates: MachineRates) -> BenchRecord:
+    record = BenchRecord(d_hidden, batch, subject.k, subject.mode,
+                         *(round(_median_of(subject, phase) * 1e6, 1) for phase in PHASES), rounds=len(subject.rounds))
+    if subject is stock:
+        return record
+    lb, lb_spread = _ratio(stock, subject, "linear_backward")
+    step, step_spread = _ratio(stock, subject, "step")
+    record.linear_backward_speedup, record.linear_backward_speedup_spread = round(lb, 2), round(lb_spread, 3)
+    record.step_speedup, record.step_speedup_spread = round(step, 2), round(step_spread, 3)
+    record.backward_speedup = round(_ratio(stock, subject, "backward")[0], 2)
+    record.noisy = max(lb_spread, step_spread) > NOISY_SPREAD
+    if engine is not None:
+        record.step_speedup_vs_engine_dense = round(_ratio(engine, subject, "step")[0], 2)
+    if subject.mode in ("unified", "per_example"):
+        record.flop_limit = round(flop_limit(D_INPUT, d_hidden, N_CLASSES, subject.k), 2)
+        record.pct_of_flop_limit = round(100 * lb / record.flop_limit, 1)
+        bound = linear_backward_bound(d_hidden, batch, subject.k, subject.mode == "unified", subject.touched, rates)
+        record.touched_rows = subject.touched
+        record.dense_bound_us, record.meprop_bound_us = round(bound.dense_s * 1e6, 2), round(bound.meprop_s * 1e6, 2)
+        record.bound_binding, record.bound_speedup = bound.binding, round(bound.speedup, 2)
+        record.percent_of_bound = round(100 * lb / bound.speedup, 1)
+        record.gemm_gflops, record.bandwidth_gbs = round(rates.gemm_flops / 1e9, 1), round(rates.bandwidth / 1e9, 1)
     return record
 
 
@@ -178,36 +339,45 @@ def bench_cases(quick: bool) -> list[tuple[int, int, tuple[str, ...], tuple[int,
             for d in FULL_GRID["d_hidden"] for b in FULL_GRID["minibatch"]]
 
 
-def run_bench(quick: bool = False, repeats: int | None = None, warmup: int = 100, optimizer: str = "adam",
-              device: str = "cpu", log: Callable[[str], None] = print) -> list[BenchRecord]:
-    """Time the dense baseline, our layer at k=0, and meProp in each mode and k; see the module doc."""
-    repeats = repeats or 100
+def _subject(mode: str, k: int, model: nn.Module, optimizer, batches, stamps: _Stamps) -> _Subject:
+    replay, touched = _linear_backward_replay(model, *batches[0], stamps)
+    return _Subject(mode, k, model, optimizer, replay, touched)
+
+
+def run_bench(quick: bool = False, repeats: int | None = None, warmup: int = 50, optimizer: str = "adam",
+              device: str = "cpu", log: Callable[[str], None] = print, rounds: int = 7) -> list[BenchRecord]:
+    """Time stock dense, our engine at k=0 and meProp in each mode and k, interleaved in ``rounds``
+    rounds of ``repeats`` steps; see the module doc."""
+    steps = repeats or 20
     target = resolve_device(device)
     stamps = _Stamps(target)
     train_images, train_labels, _, _ = load_idx_folder(bundled_sample_dir())
     images = train_images.reshape(len(train_images), -1).float().div_(255)
     labels = train_labels.long()
     lr = Config(optimizer=optimizer).replace().lr
+    gemm = gemm_rate(target)
+    log(f"  machine: float32 GEMM {gemm / 1e9:.1f} GFLOP/s (1024-cube matmul)")
     records = []
-    # Warm the process up (allocator, thread pool, kernels) before the first figure.
-    warm = _dense_mlp(500).to(target)
-    _time_steps(warm, stock_optimizer(optimizer, warm.parameters(), lr), _batches(images, labels, 10, target),
-                200, 0, stamps)
     for d_hidden, batch, modes, ks in bench_cases(quick):
         batches = _batches(images, labels, batch, target)
         torch.manual_seed(0)
         dense_model = _dense_mlp(d_hidden).to(target)
-        dense = _measure(dense_model, stock_optimizer(optimizer, dense_model.parameters(), lr), batches,
-                         repeats, warmup, stamps)
-        records.append(_record(d_hidden, batch, 0, "dense", dense, None))
-        runs: list[tuple[str, int]] = [("ours_k0", 0)] + [(mode, k) for mode in modes for k in ks if k < d_hidden]
-        for mode, k in runs:
+        subjects = [_subject("dense", 0, dense_model, stock_optimizer(optimizer, dense_model.parameters(), lr),
+                             batches, stamps)]
+        for mode, k in [("ours_k0", 0)] + [(mode, k) for mode in modes for k in ks if k < d_hidden]:
             config = Config(optimizer=optimizer, d_hidden=d_hidden, k=k, unified=(mode == "unified")).replace()
             torch.manual_seed(0)
             model = build_mlp(D_INPUT, N_CLASSES, d_hidden, 3, k, unified=config.unified, sparse_grad=True).to(target)
-            timings = _measure(model, build_optimizer(config, model), batches, repeats, warmup, stamps)
-            records.append(_record(d_hidden, batch, k, mode, timings, dense))
-        log(f"  d={d_hidden} minibatch={batch}: {len(runs) + 1} models timed")
+            subjects.append(_subject(mode, k, model, build_optimizer(config, model), batches, stamps))
+        _time_interleaved(subjects, batches, steps, rounds, warmup, stamps)
+        weight_bytes = FLOAT_BYTES * sum(p.numel() for p in dense_model.parameters())
+        rates = MachineRates(gemm, copy_bandwidth(target, weight_bytes))
+        log(f"  d={d_hidden}: copy bandwidth {rates.bandwidth / 1e9:.1f} GB/s at the weights' size "
+            f"({weight_bytes / 1e6:.1f} MB)")
+        stock, engine = subjects[0], subjects[1]
+        records += [_record(d_hidden, batch, subject, stock, engine if subject is not engine else None, rates)
+                    for subject in subjects]
+        log(f"  d={d_hidden} minibatch={batch}: {len(subjects)} models timed, {rounds} interleaved rounds")
     return records
 
 
@@ -220,20 +390,65 @@ def environment_line(optimizer: str, device: str = "cpu") -> str:
 
 
 HEADERS = ["d", "minibatch", "mode", "k", "forward µs", "linear bwd µs", "overall bwd µs", "update µs",
-           "step µs", "linear bwd speedup", "bwd speedup", "step speedup", "FLOP limit", "% of limit"]
+           "step µs", "linear bwd speedup", "step speedup", "step vs ours_k0", "bound", "bound speedup",
+           "% of bound", "FLOP limit"]
 
 
 def markdown_table(records: Iterable[BenchRecord]) -> str:
+    """The bench as a GitHub table; speedups are against stock dense (± their spread), noisy rows marked."""
     from tabulate import tabulate
 
     def cell(value: Any, suffix: str = "") -> str:
         return "" if value is None else f"{value}{suffix}"
 
-    rows = [[r.d_hidden, r.minibatch, r.mode, r.k, r.forward_us, r.linear_backward_us, r.backward_us, r.update_us,
-             r.step_us, cell(r.linear_backward_speedup, "x"), cell(r.backward_speedup, "x"),
-             cell(r.step_speedup, "x"), cell(r.flop_limit, "x"), cell(r.pct_of_flop_limit, "%")]
+    def speedup(value: float | None, spread: float | None) -> str:
+        return "" if value is None else f"{value}x ±{100 * spread:.0f}%"
+
+    rows = [[r.d_hidden, r.minibatch, r.mode + (" *" if r.noisy else ""), r.k, r.forward_us, r.linear_backward_us,
+             r.backward_us, r.update_us, r.step_us,
+             speedup(r.linear_backward_speedup, r.linear_backward_speedup_spread),
+             speedup(r.step_speedup, r.step_speedup_spread), cell(r.step_speedup_vs_engine_dense, "x"),
+             cell(r.bound_binding), cell(r.bound_speedup, "x"), cell(r.percent_of_bound, "%"), cell(r.flop_limit, "x")]
             for r in records]
-    return tabulate(rows, headers=HEADERS, tablefmt="github", disable_numparse=True)
+    table = tabulate(rows, headers=HEADERS, tablefmt="github", disable_numparse=True)
+    return table + (f"\n\n\\* spread of the per-round ratios above {100 * NOISY_SPREAD:.0f}%: a noisy figure"
+                    if any(r.noisy for r in records) else "")
+
+
+def speedup_plot(records: Iterable[BenchRecord], path: Path) -> Path:
+    """Linear-backward speedup vs k (measured, solid) against the bound (dashed), one panel per
+    (width, minibatch), one colour per mode."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meprop = [r for r in records if r.mode in ("unified", "per_example") and r.bound_speedup is not None]
+    panels = sorted({(r.d_hidden, r.minibatch) for r in meprop})
+    columns = min(4, max(1, len(panels)))
+    rows = max(1, math.ceil(len(panels) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.0 * rows), squeeze=False)
+    for axis, (d_hidden, batch) in zip(axes.flat, panels):
+        for colour, mode in zip(("tab:blue", "tab:orange"), ("unified", "per_example")):
+            points = sorted((r.k, r.linear_backward_speedup, r.bound_speedup) for r in meprop
+                            if (r.d_hidden, r.minibatch, r.mode) == (d_hidden, batch, mode))
+            if points:
+                ks, measured, bound = zip(*points)
+                axis.plot(ks, measured, "o-", color=colour, label=f"{mode} measured")
+                axis.plot(ks, bound, "x--", color=colour, label=f"{mode} bound")
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_yscale("log")
+        axis.set_title(f"d={d_hidden}, minibatch {batch}", fontsize=9)
+        axis.set_xlabel("k")
+        axis.set_ylabel("linear backward speedup")
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    if panels:
+        axes.flat[0].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def as_dicts(records: Iterable[BenchRecord]) -> list[dict[str, Any]]:

@@ -125,21 +125,26 @@ def sweep(config_path: str | None, k_list: str, seeds: str | None, overrides: tu
 
 @main.command()
 @click.option("--quick", is_flag=True, help="Only the target settings (d=500 mb 10 per-example k=20, "
-              "d=500 mb 50 unified k=30, d=2000 mb 50 unified k=20) with their baselines.")
+              "d=500 mb 50 unified k=30, d=500 mb 200 per-example k=20, d=2000 mb 50 unified k=20) with "
+              "their baselines.")
 @click.option("--json", "json_path", metavar="FILE", help="Also write the records as JSON.")
+@click.option("--plot", "plot_path", metavar="FILE", help="Also plot linear-backward speedup vs k against the bound (PNG).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads (default: torch's default on this machine); printed.")
-@click.option("--repeats", type=click.IntRange(min=5), default=None, help="Timed iterations per figure.")
+@click.option("--repeats", type=click.IntRange(min=5), default=None,
+              help="Timed steps per model per round (default 20).")
+@click.option("--rounds", type=click.IntRange(min=3), default=7, show_default=True,
+              help="Interleaved rounds; each speedup is the median of the per-round ratios.")
 @click.option("--optimizer", type=click.Choice(["adam", "adagrad", "sgd"]), default="adam", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
-def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int | None, optimizer: str,
-          device: str) -> None:
-    """Time forward, linear backward, backward, update and full step: meProp vs nn.Linear."""
+def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: int | None, repeats: int | None,
+          rounds: int, optimizer: str, device: str) -> None:
+    """Time forward, linear backward, backward, update and full step: meProp vs nn.Linear, against a bound."""
     import json
 
     import torch
 
-    from .bench import as_dicts, environment_line, markdown_table, run_bench
+    from .bench import as_dicts, environment_line, markdown_table, run_bench, speedup_plot
 
     torch.set_num_threads(threads or torch.get_num_threads())
     try:
@@ -147,12 +152,21 @@ def bench(quick: bool, json_path: str | None, threads: int | None, repeats: int 
     except MePropError as error:
         _fail(error)
     click.echo(f"meprop bench{' --quick' if quick else ''}: {header}; medians in microseconds", err=True)
-    records = run_bench(quick=quick, repeats=repeats, optimizer=optimizer, device=device,
-                        log=lambda line: click.echo(line, err=True))
-    click.echo(f"# meprop bench{' --quick' if quick else ''}\n\n{header}; medians in µs\n\n{markdown_table(records)}")
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line.strip())
+        click.echo(line, err=True)
+    records = run_bench(quick=quick, repeats=repeats, rounds=rounds, optimizer=optimizer, device=device, log=log)
+    machine = lines[0] if lines else ""
+    click.echo(f"# meprop bench{' --quick' if quick else ''}\n\n{header}; {machine}; medians in µs over "
+               f"{rounds} interleaved rounds; speedups against stock PyTorch dense (`dense`)\n\n{markdown_table(records)}")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"environment": header, "records": as_dicts(records)}, indent=1))
+        Path(json_path).write_text(json.dumps({"environment": header, "machine": machine,
+                                               "records": as_dicts(records)}, indent=1))
+    if plot_path:
+        speedup_plot(records, Path(plot_path))
 
 
 @main.command("reproduce")

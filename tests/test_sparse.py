@@ -5,7 +5,8 @@ import torch
 from test_layers import dense_grads, make_inputs, reference_mask
 
 from mnist_meprop import meprop_linear
-from mnist_meprop.bench import as_dicts, flop_limit, markdown_table, run_bench
+from mnist_meprop.bench import (MachineRates, as_dicts, flop_limit, linear_backward_bound, markdown_table,
+                                run_bench, speedup_plot)
 from mnist_meprop.config import Config
 from mnist_meprop.kernels import cpu_kernels
 from mnist_meprop.model import build_mlp
@@ -166,17 +167,37 @@ def test_flop_limit_matches_the_paper():
     assert round(flop_limit(784, 500, 10, 10)) == 32
 
 
-def test_quick_bench_produces_every_target_row():
-    records = run_bench(quick=True, repeats=5, warmup=1, log=lambda line: None)
+def test_quick_bench_produces_every_target_row(tmp_path):
+    records = run_bench(quick=True, repeats=5, warmup=1, rounds=3, log=lambda line: None)
     rows = as_dicts(records)
     keys = {(r["d_hidden"], r["minibatch"], r["mode"], r["k"]) for r in rows}
-    for target in [(500, 10, "per_example", 20), (500, 50, "unified", 30), (2000, 50, "unified", 20)]:
+    for target in [(500, 10, "per_example", 20), (500, 50, "unified", 30), (500, 200, "per_example", 20),
+                   (2000, 50, "unified", 20)]:
         assert target in keys
         assert (target[0], target[1], "dense", 0) in keys and (target[0], target[1], "ours_k0", 0) in keys
     for row in rows:
-        assert row["step_us"] > 0 and row["linear_backward_us"] > 0
+        assert row["step_us"] > 0 and row["linear_backward_us"] > 0 and row["rounds"] == 3
         if row["mode"] != "dense":
             assert row["linear_backward_speedup"] > 0 and row["step_speedup"] > 0
+            assert row["step_speedup_spread"] >= 0
         if row["mode"] in ("unified", "per_example"):
-            assert row["flop_limit"] > 1
-    assert "% of limit" in markdown_table(records)
+            assert row["flop_limit"] > 1 and row["bound_speedup"] > 1 and row["percent_of_bound"] > 0
+            assert row["step_speedup_vs_engine_dense"] > 0 and row["bound_binding"] in ("bytes", "flops")
+            rows_cap = row["k"] if row["mode"] == "unified" else min(row["d_hidden"], row["k"] * row["minibatch"])
+            assert all(0 < touched <= rows_cap for touched in row["touched_rows"][:2])
+    assert "% of bound" in markdown_table(records)
+    assert speedup_plot(records, tmp_path / "speedup.png").stat().st_size > 0
+
+
+def test_the_bound_follows_bytes_at_small_minibatch_and_flops_at_large_width():
+    rates = MachineRates(gemm_flops=50e9, bandwidth=10e9)
+    small = linear_backward_bound(500, 10, 20, False, [200, 180, 10], rates)
+    assert small.binding == "bytes" and small.dense_s > small.meprop_s
+    wide = linear_backward_bound(2000, 50, 20, True, None, rates)
+    assert wide.binding == "flops"
+    # unified touches k rows, per-example at most minibatch * k: fewer touched rows, a higher bound
+    assert (linear_backward_bound(500, 10, 20, False, [40, 40, 10], rates).speedup
+            > linear_backward_bound(500, 10, 20, False, [200, 200, 10], rates).speedup)
+    # FLOPs alone (infinite bandwidth) give the FLOP limit of the backward
+    flops_only = linear_backward_bound(500, 10, 20, True, None, MachineRates(50e9, float("inf")))
+    assert flops_only.speedup == pytest.approx(flop_limit(784, 500, 10, 20))
