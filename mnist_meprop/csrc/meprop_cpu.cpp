@@ -11,6 +11,9 @@
 
 namespace {
 
+// Exact Adam's idle steps use a 3-term series in eps / (b sqrt(v)) where that ratio stays below this.
+constexpr double kSeriesRatio = 1e-2;
+
 // Below this many multiply-adds a loop runs on one thread: waking the pool costs more.
 constexpr int64_t kParallelWork = 1 << 18;
 
@@ -176,9 +179,10 @@ void adam_rows(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg
 // Exact row-sparse Adam: the result of dense torch.optim.Adam while touching only some rows.
 // A row last updated at step last_step[r] has since had zero gradient: in dense Adam its moments
 // decayed (m *= beta1, v *= beta2 per step) and it kept moving on its first moment. Those idle
-// steps are applied here, per element (elements whose sqrt(v) is near eps do not factor into one
-// scalar per row), summing the first `horizon` of them: later idle steps shrink like
-// (beta1 / sqrt(beta2))^i and are below float precision; the moments decay in closed form.
+// steps are applied here, the first `horizon` of them (later ones shrink like (beta1 / sqrt(beta2))^i
+// and are below float precision): through three per-row sums where sqrt(v) is far above eps, and
+// summed step by step for the elements whose sqrt(v) is near eps (they do not factor into per-row
+// scalars). The moments decay in closed form.
 // With values [rows, ...], the rows catch up to step - 1 and then take this step's gradient;
 // without, they catch up to `step` (a flush before the weights are read).
 void adam_rows_exact(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, torch::Tensor last_step,
@@ -201,7 +205,7 @@ void adam_rows_exact(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor e
     const scalar_t b1 = beta1, b2 = beta2, one_b1 = 1 - beta1, one_b2 = 1 - beta2, e = eps;
     const scalar_t step_size = lr / bias1, inv_b2 = 1.0 / bias2_sqrt;
     at::parallel_for(0, n_rows, grain(n_rows, width * 8), [&](int64_t i0, int64_t i1) {
-      std::vector<scalar_t> scale, shrink, root(width), moved(width);
+      std::vector<scalar_t> scale, shrink, moved(width);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t row = r[i], off = row * width;
         scalar_t* __restrict__ pp = p + off;
@@ -209,23 +213,37 @@ void adam_rows_exact(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor e
         scalar_t* __restrict__ vv = v + off;
         const int64_t idle = upto - last[row];
         if (idle > 0) {
-          // idle step j = last + q (q = 1..n): p -= lr / (1 - beta1^j) * beta1^q m
-          //                                       / (beta2^(q/2) sqrt(v) / sqrt(1 - beta2^j) + eps)
+          // idle step j = last + q (q = 1..n): p -= a_q m / (b_q sqrt(v) + eps), with
+          // a_q = lr beta1^q / (1 - beta1^j) and b_q = beta2^(q/2) / sqrt(1 - beta2^j).
           const int64_t n = std::min(idle, horizon);
           scale.resize(n);
           shrink.resize(n);
+          // Where eps / (b_q sqrt(v)) = u_q <= kSeriesRatio for every q, 1 / (1 + u) = 1 - u + u^2
+          // (error below u^3 = 1e-6, relative) turns the sum into three per-row scalars.
+          double series0 = 0, series1 = 0, series2 = 0, smallest_shrink = INFINITY;
           for (int64_t q = 1; q <= n; ++q) {
             const double j = static_cast<double>(last[row] + q);
-            scale[q - 1] = lr * std::pow(beta1, static_cast<double>(q)) / (1.0 - std::pow(beta1, j));
-            shrink[q - 1] = std::pow(beta2, 0.5 * q) / std::sqrt(1.0 - std::pow(beta2, j));
+            const double a = lr * std::pow(beta1, static_cast<double>(q)) / (1.0 - std::pow(beta1, j));
+            const double b = std::pow(beta2, 0.5 * q) / std::sqrt(1.0 - std::pow(beta2, j));
+            scale[q - 1] = a;
+            shrink[q - 1] = b;
+            series0 += a / b;
+            series1 += a / (b * b);
+            series2 += a / (b * b * b);
+            smallest_shrink = std::min(smallest_shrink, b);
           }
+          const double threshold = eps / (kSeriesRatio * smallest_shrink);
+          const scalar_t s0 = series0, s1 = series1 * eps, s2 = series2 * eps * eps;
           for (int64_t c = 0; c < width; ++c) {
-            root[c] = std::sqrt(vv[c]);
-            moved[c] = 0;
-          }
-          for (int64_t q = 0; q < n; ++q) {
-            const scalar_t a = scale[q], b = shrink[q];
-            for (int64_t c = 0; c < width; ++c) moved[c] += a * mm[c] / (b * root[c] + e);
+            const scalar_t root = std::sqrt(vv[c]);
+            if (root > threshold) {
+              const scalar_t inv = scalar_t(1) / root;
+              moved[c] = mm[c] * inv * (s0 - inv * (s1 - inv * s2));
+            } else {  // sqrt(v) near eps: the idle steps summed as they are
+              scalar_t sum = 0;
+              for (int64_t q = 0; q < n; ++q) sum += scale[q] * mm[c] / (shrink[q] * root + e);
+              moved[c] = sum;
+            }
           }
           const scalar_t decay1 = std::pow(beta1, static_cast<double>(idle));
           const scalar_t decay2 = std::pow(beta2, static_cast<double>(idle));
