@@ -7,9 +7,10 @@
   and AdaGrad's sum of squares does not decay). For **adam**, a row without gradient still moves
   in dense Adam (on its decaying first moment) and its moments decay; those idle steps are
   applied when the row next gets a gradient, and before anything reads the weights: call
-  :meth:`RowSparseOptimizer.flush` (the harness does before evaluating, checkpointing and
-  exporting; ``state_dict`` does it too). The training forward in between sees an idle row as of
-  its last update: that is what keeps the step row-sparse.
+  :meth:`RowSparseOptimizer.flush` (the harness evaluates and saves its best model inside
+  :meth:`OptimizerGroup.up_to_date` and flushes at each epoch's end, before its checkpoint; the
+  optimizer's ``state_dict`` flushes too). The training forward in between sees an idle row as
+  of its last update: that is what keeps the step row-sparse.
 - ``lazy``: Adam as ``torch.optim.SparseAdam``: a row's moments are updated only when it gets a
   gradient; an idle row neither moves nor decays. The bias correction uses the optimizer's global
   step, as SparseAdam does. (sgd and adagrad: the same as ``exact``.)
