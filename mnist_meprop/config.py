@@ -25,6 +25,7 @@ INITS = ("torch", "authors-csharp", "authors-pytorch")
 LOSS_REDUCTIONS = ("mean", "sum")
 ADAGRAD_EPS = ("outside", "inside")
 SPARSE_UPDATES = ("exact", "lazy", "dense")  # see mnist_meprop.optim
+ENGINES = ("autograd", "fused")  # see mnist_meprop.engine
 # sparse_update was a bool before it had three values: true was the lazy update, false the dense one.
 _LEGACY_SPARSE_UPDATE = {True: "lazy", False: "dense"}
 # The authors' implementation details (see the README's "Configs"): each preset sets these keys;
@@ -85,6 +86,8 @@ class Config:
     bias_grad: str = "masked"
     adagrad_eps: str = "outside"
     evals_per_epoch: int = 1
+    # How a training step runs: through autograd and the optimizer, or one fused C++ call.
+    engine: str = "autograd"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,6 +144,7 @@ _RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]] = {
     "bias_grad": (str, False, _one_of(BIAS_GRADS)),
     "adagrad_eps": (str, False, _one_of(ADAGRAD_EPS)),
     "evals_per_epoch": (int, False, _at_least(1)),
+    "engine": (str, False, _one_of(ENGINES)),
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(Config)}
 
@@ -215,9 +219,25 @@ def validate(raw: dict[str, Any]) -> Config:
                           f"got k={config.k}, d_hidden={config.d_hidden}, n_layer={config.n_layer}")
     if config.simplify.enabled and config.selection != "topk":
         raise ConfigError("simplify.enabled: needs selection topk (activeness is counted from the top-k sets)")
+    if config.engine == "fused" and (unsupported := fused_engine_limits(config)):
+        raise ConfigError(f"engine: fused does not support {unsupported} (use engine: autograd)")
     if config.lr is None:
         config = dataclasses.replace(config, lr=DEFAULT_LR[config.optimizer])
     return config
+
+
+def fused_engine_limits(config: Config) -> str | None:
+    """What in ``config`` the fused engine cannot train (None when it can): it runs the paper's
+    MLP on the CPU with Adam and the exact row-sparse update, top-k selection and no dropout,
+    gradient clip, full bias gradient or meSimp."""
+    needs = {"optimizer": "adam", "sparse_update": "exact", "selection": "topk", "dropout": 0.0, "grad_clip": None,
+             "bias_grad": "masked", "device": "cpu"}
+    for key, value in needs.items():
+        if getattr(config, key) != value:
+            return f"{key}: {getattr(config, key)} (needs {'null' if value is None else value})"
+    if config.simplify.enabled:
+        return "simplify.enabled: true"
+    return None
 
 
 def config_warnings(config: Config) -> list[str]:

@@ -100,14 +100,8 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     param.index_add_(0, rows, values, alpha=-group["lr"])
                     continue
                 kernels = cpu_kernels() if param.device.type == "cpu" and param.is_contiguous() else None
-                state = self.state[param]
                 if self.kind == "adam":
-                    if not state:
-                        state["step"] = 0
-                        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-                        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-                        if self.exact:
-                            state["last_step"] = torch.zeros(param.shape[0], dtype=torch.long, device=param.device)
+                    state = self.adam_state(param)
                     state["step"] += 1
                     beta1, beta2 = group["betas"]
                     if self.exact:
@@ -118,6 +112,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     else:
                         _adam_rows(param, state, rows, values, group["lr"], beta1, beta2, group["eps"])
                 else:
+                    state = self.state[param]
                     if not state:
                         state["sum"] = torch.full_like(param, self.initial_sum, memory_format=torch.contiguous_format)
                     if kernels is not None:
@@ -125,6 +120,17 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     else:
                         _adagrad_rows(param, state["sum"], rows, values, group["lr"], group["eps"])
         return None
+
+    def adam_state(self, param: torch.Tensor) -> dict[str, Any]:
+        """Adam's state of ``param``, created (zero moments, step 0) on first use."""
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+            if self.exact:
+                state["last_step"] = torch.zeros(param.shape[0], dtype=torch.long, device=param.device)
+        return state
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -333,6 +339,10 @@ def build_optimizer(config: Config, model: nn.Module) -> OptimizerGroup:
     row-sparse update (``sparse_update: exact`` or ``lazy``) or densify + stock (``dense``).
     A row-sparse optimizer watches ``model`` (see :meth:`OptimizerGroup.watch`); call its
     ``close()`` before replacing it."""
+    if config.engine == "fused":  # the engine updates every parameter through exact row-sparse Adam
+        group = OptimizerGroup([RowSparseOptimizer(model.parameters(), "adam", config.lr)], densify=[])
+        group.watch(model)
+        return group
     sparse = sparse_grad_params(model)
     sparse_ids = {id(param) for param in sparse}
     dense = [param for param in model.parameters() if id(param) not in sparse_ids]

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import Config, resolve_device
 from .data import Splits, iterate_minibatches
+from .engine import FusedMLPStep
 from .kernels import cpu_kernels
 from .log import to_stderr
 from .optim import OptimizerGroup, build_optimizer
@@ -104,6 +105,7 @@ class _Run:
     clock: Callable[[], float]
     log: Callable[[str], None]
     model_file: Path | None
+    fused: FusedMLPStep | None = None  # engine: fused
 
 
 def _prepare(config: Config, task: Task, data: Splits, checkpoint: Path | None,
@@ -137,7 +139,8 @@ def _prepare(config: Config, task: Task, data: Splits, checkpoint: Path | None,
         if simplifier is not None:
             simplifier.prunes = result.prunes
         log(f"  resuming after epoch {saved['epoch']} from {checkpoint}")
-    return _Run(config, task, data, model, optimizer, simplifier, result, wall_clock(device), log, model_file)
+    fused = FusedMLPStep(config, model, optimizer) if config.engine == "fused" else None
+    return _Run(config, task, data, model, optimizer, simplifier, result, wall_clock(device), log, model_file, fused)
 
 
 def _evaluate(run: _Run, at: float) -> dict[str, Any]:
@@ -190,20 +193,25 @@ def _train_epoch(run: _Run, epoch: int, should_stop: Callable[[], bool] | None) 
         for step, (x, y) in enumerate(batches, start=1):
             if should_stop is not None and should_stop():
                 raise RunInterrupted(epoch - 1)
-            t0 = clock()
-            output = model(x)
-            loss = run.task.loss(output, y, config.loss_reduction)
-            t1 = clock()
-            loss.backward()
-            t2 = clock()
-            run.optimizer.step()
-            run.optimizer.zero_grad()
-            if run.simplifier is not None and (units := run.simplifier.after_step(epoch, step, run.optimizer)):
-                run.log(f"    prune at epoch {epoch} step {step}: active units {units}")
-            t3 = clock()
-            timings["forward"] += t1 - t0
-            timings["backward"] += t2 - t1
-            timings["update"] += t3 - t2
+            if run.fused is not None:
+                loss, output, seconds = run.fused.step(x, y)
+                for phase, spent in seconds.items():
+                    timings[phase] += spent
+            else:
+                t0 = clock()
+                output = model(x)
+                loss = run.task.loss(output, y, config.loss_reduction)
+                t1 = clock()
+                loss.backward()
+                t2 = clock()
+                run.optimizer.step()
+                run.optimizer.zero_grad()
+                if run.simplifier is not None and (units := run.simplifier.after_step(epoch, step, run.optimizer)):
+                    run.log(f"    prune at epoch {epoch} step {step}: active units {units}")
+                t3 = clock()
+                timings["forward"] += t1 - t0
+                timings["backward"] += t2 - t1
+                timings["update"] += t3 - t2
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(epoch, step, loss_value, run.result)
@@ -254,7 +262,8 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     Timers: ``forward`` (model and loss), ``backward`` (``loss.backward()``),
     ``linear_backward`` (the part of it inside the linear layers), ``update`` (clipping,
     optimizer step and zeroing the gradients), ``train`` (forward + backward + update),
-    ``eval``, ``total``.
+    ``eval``, ``total``. With ``engine: fused`` (one C++ call per step, :mod:`mnist_meprop.engine`)
+    the step times its own forward, backward, linear backward and update.
 
     With ``checkpoint``, the model, optimizer, RNG state and results so far are saved there
     after every epoch, and a run that finds a checkpoint continues after its epoch, ending

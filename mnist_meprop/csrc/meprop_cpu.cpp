@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -268,6 +269,92 @@ void adam_rows_exact(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor e
   });
 }
 
+// One training step of the paper's MLP in a single call, so that a step pays no per-layer Python
+// or autograd overhead: the forward (linear + ReLU per hidden layer, then a linear output layer),
+// softmax cross-entropy, the backward with meProp on the hidden layers (top-k of each layer's
+// pre-activation gradient, per example or unified; k = 0 or k >= width is plain backprop) and
+// exact Adam (adam_rows_exact) on the rows of every parameter that got a gradient. dx of a layer
+// is computed before its weights are updated. Returns {loss, logits, seconds}: seconds holds the
+// forward, backward, linear-backward (inside backward) and update times.
+std::vector<torch::Tensor> mlp_adam_step(torch::Tensor x, torch::Tensor y, std::vector<torch::Tensor> weights,
+                                         std::vector<torch::Tensor> biases, std::vector<torch::Tensor> exp_avgs,
+                                         std::vector<torch::Tensor> exp_avg_sqs, std::vector<torch::Tensor> last_steps,
+                                         int64_t k, bool unified, bool sum_loss, double lr, double beta1, double beta2,
+                                         double eps, int64_t step, int64_t horizon) {
+  using Clock = std::chrono::steady_clock;
+  const auto seconds = [](Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double>(b - a).count();
+  };
+  const int64_t n_layers = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(n_layers >= 1 && static_cast<int64_t>(biases.size()) == n_layers &&
+                  static_cast<int64_t>(exp_avgs.size()) == 2 * n_layers &&
+                  static_cast<int64_t>(exp_avg_sqs.size()) == 2 * n_layers &&
+                  static_cast<int64_t>(last_steps.size()) == 2 * n_layers,
+              "mlp_adam_step: one weight and bias per layer, and Adam state for each of them");
+  torch::NoGradGuard no_grad;
+  const auto start = Clock::now();
+  std::vector<torch::Tensor> inputs(n_layers);  // each layer's input (the previous layer's ReLU output)
+  torch::Tensor h = x;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    inputs[l] = h;
+    h = torch::addmm(biases[l], h, weights[l].t());
+    if (l + 1 < n_layers) h.clamp_min_(0);
+  }
+  const torch::Tensor logits = h;
+  const torch::Tensor log_probs = torch::log_softmax(logits, 1);
+  torch::Tensor loss = -log_probs.gather(1, y.unsqueeze(1)).sum();
+  const int64_t n = x.size(0);
+  if (!sum_loss) loss.div_(n);
+  const auto forward_end = Clock::now();
+
+  // d loss / d logits = softmax - one-hot (over n for the mean)
+  torch::Tensor dz = log_probs.exp();
+  dz.sub_(torch::one_hot(y, logits.size(1)).to(dz.scalar_type()));
+  if (!sum_loss) dz.div_(n);
+  double linear_s = 0, update_s = 0;
+  for (int64_t l = n_layers - 1; l >= 0; --l) {
+    const auto layer_start = Clock::now();
+    const torch::Tensor& weight = weights[l];
+    const int64_t out = weight.size(0);
+    const bool needs_dx = l > 0;
+    const bool meprop = l + 1 < n_layers && k > 0 && k < out;
+    torch::Tensor dx, rows, w_values, b_values;
+    if (meprop && !unified) {
+      auto parts = per_example_backward(dz.contiguous(), inputs[l].contiguous(),
+                                        needs_dx ? c10::optional<torch::Tensor>(weight) : c10::nullopt,
+                                        c10::nullopt, k, needs_dx, true);
+      dx = parts[0];
+      rows = parts[1];
+      w_values = parts[2];
+      b_values = parts[3];
+    } else if (meprop) {
+      rows = std::get<0>(std::get<1>(dz.abs().sum(0).topk(k, -1, true, false)).sort());
+      const torch::Tensor kept = dz.index_select(1, rows);
+      w_values = kept.t().mm(inputs[l]);
+      b_values = kept.sum(0);
+      if (needs_dx) dx = kept.mm(weight.index_select(0, rows));
+    } else {
+      rows = torch::arange(out, torch::TensorOptions().dtype(torch::kLong));
+      w_values = dz.t().mm(inputs[l]);
+      b_values = dz.sum(0);
+      if (needs_dx) dx = dz.mm(weight);
+    }
+    const auto grads_end = Clock::now();
+    adam_rows_exact(weight, exp_avgs[2 * l], exp_avg_sqs[2 * l], last_steps[2 * l], rows, w_values.contiguous(), lr,
+                    beta1, beta2, eps, step, horizon);
+    adam_rows_exact(biases[l], exp_avgs[2 * l + 1], exp_avg_sqs[2 * l + 1], last_steps[2 * l + 1], rows,
+                    b_values.contiguous(), lr, beta1, beta2, eps, step, horizon);
+    const auto update_end = Clock::now();
+    linear_s += seconds(layer_start, grads_end);
+    update_s += seconds(grads_end, update_end);
+    if (needs_dx) dz = dx.mul_(inputs[l].gt(0));  // through the ReLU that produced this layer's input
+  }
+  const double total_backward = seconds(forward_end, Clock::now()) - update_s;
+  auto times = torch::tensor({seconds(start, forward_end), total_backward, linear_s, update_s},
+                             torch::TensorOptions().dtype(torch::kDouble));
+  return {loss, logits, times};
+}
+
 // AdaGrad on the given rows: identical to the dense update, since other rows have zero gradient.
 void adagrad_rows(torch::Tensor param, torch::Tensor state_sum, torch::Tensor rows, torch::Tensor values,
                   double lr, double eps) {
@@ -298,5 +385,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("per_example_backward", &per_example_backward, "meProp per-example backward (CPU)");
   m.def("adam_rows", &adam_rows, "lazy Adam update of some rows (CPU)");
   m.def("adam_rows_exact", &adam_rows_exact, "exact (dense-equivalent) Adam update of some rows (CPU)");
+  m.def("mlp_adam_step", &mlp_adam_step, "one fused MLP training step with meProp and exact Adam (CPU)");
   m.def("adagrad_rows", &adagrad_rows, "AdaGrad update of some rows (CPU)");
 }
