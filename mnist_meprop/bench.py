@@ -6,8 +6,10 @@ Everything runs in one process with a fixed thread count, after warm-up, on real
 drift on a noisy machine hits them alike; every speedup is the median of the per-round ratios,
 with its spread (the interquartile range over the median), and rows whose spread exceeds 10%
 are marked. Baselines: ``dense`` is ``nn.Linear`` layers with torch's own optimizer (fused Adam
-where torch has it), i.e. stock PyTorch; ``ours_k0`` is our engine with meProp off. meProp models
-use row-sparse gradients and the row-sparse update (``sparse_update: exact``). "Linear backward"
+where torch has it), i.e. stock PyTorch; ``ours_k0`` is our engine with meProp off. Our models
+run through the fused step (``engine: fused``, one C++ call per step) where it supports the
+setting (Adam on the CPU), else through autograd with row-sparse gradients and the row-sparse
+update (``sparse_update: exact``). "Linear backward"
 is timed the same way for all: one backward through the linear layers alone, replayed on the
 inputs and output gradients they had in a real backward pass.
 
@@ -34,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, resolve_device
+from .config import Config, fused_engine_limits, resolve_device
 from .data import bundled_sample_dir, load_idx_folder
-from .kernels import backend_name
+from .engine import FusedMLPStep
+from .kernels import backend_name, cpu_kernels
 from .model import build_mlp
 from .optim import build_optimizer, stock_optimizer
 
@@ -196,7 +199,7 @@ class _Stamps:
 
 @dataclass
 class _Subject:
-    """One compared model: its optimizer, its linear-backward replay and its per-round medians."""
+    """One compared model: its optimizer (or fused step), its linear-backward replay and its per-round medians."""
 
     mode: str
     k: int
@@ -204,6 +207,7 @@ class _Subject:
     optimizer: Any
     replay: Callable[[int], float]
     touched: list[int] | None
+    fused: FusedMLPStep | None = None
     rounds: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -247,13 +251,22 @@ def _linear_backward_replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return replay, touched
 
 
-def _time_steps(model: nn.Module, optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int,
+def _time_steps(subject: _Subject, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int,
                 stamps: _Stamps, offset: int = 0) -> dict[str, float]:
-    """Median seconds per phase over ``steps`` training steps (batches taken from ``offset`` on)."""
+    """Median seconds per phase over ``steps`` training steps (batches taken from ``offset`` on).
+    A fused step is timed whole; its phases are the ones it times itself."""
     samples: dict[str, list[float]] = {phase: [] for phase in ("forward", "backward", "update", "step")}
+    model, optimizer = subject.model, subject.optimizer
     model.train()
     for step in range(steps):
         x, y = batches[(offset + step) % len(batches)]
+        if subject.fused is not None:
+            t0 = stamps.now()
+            _, _, phases = subject.fused.step(x, y)
+            samples["step"].append(stamps.seconds(t0, stamps.now()))
+            for phase in ("forward", "backward", "update"):
+                samples[phase].append(phases[phase])
+            continue
         t0 = stamps.now()
         loss = F.cross_entropy(model(x), y)
         t1 = stamps.now()
@@ -274,12 +287,12 @@ def _time_interleaved(subjects: list[_Subject], batches, steps: int, rounds: int
     """Warm every subject up, then ``rounds`` rounds in which each (in a rotating order) runs
     ``steps`` training steps and ``steps`` linear-backward replays; per-round medians are kept."""
     for subject in subjects:
-        _time_steps(subject.model, subject.optimizer, batches, warmup, stamps)
+        _time_steps(subject, batches, warmup, stamps)
         subject.replay(max(1, warmup // 4))
     for index in range(rounds):
         shift = index % len(subjects)
         for subject in subjects[shift:] + subjects[:shift]:
-            timings = _time_steps(subject.model, subject.optimizer, batches, steps, stamps, offset=index * steps)
+            timings = _time_steps(subject, batches, steps, stamps, offset=index * steps)
             timings["linear_backward"] = subject.replay(steps)
             subject.rounds.append(timings)
 
@@ -339,15 +352,18 @@ def bench_cases(quick: bool) -> list[tuple[int, int, tuple[str, ...], tuple[int,
             for d in FULL_GRID["d_hidden"] for b in FULL_GRID["minibatch"]]
 
 
-def _subject(mode: str, k: int, model: nn.Module, optimizer, batches, stamps: _Stamps) -> _Subject:
+def _subject(mode: str, k: int, model: nn.Module, optimizer, batches, stamps: _Stamps,
+             fused: FusedMLPStep | None = None) -> _Subject:
     replay, touched = _linear_backward_replay(model, *batches[0], stamps)
-    return _Subject(mode, k, model, optimizer, replay, touched)
+    return _Subject(mode, k, model, optimizer, replay, touched, fused)
 
 
 def run_bench(quick: bool = False, repeats: int | None = None, warmup: int = 50, optimizer: str = "adam",
-              device: str = "cpu", log: Callable[[str], None] = print, rounds: int = 7) -> list[BenchRecord]:
+              device: str = "cpu", log: Callable[[str], None] = print, rounds: int = 7,
+              engine: str = "fused") -> list[BenchRecord]:
     """Time stock dense, our engine at k=0 and meProp in each mode and k, interleaved in ``rounds``
-    rounds of ``repeats`` steps; see the module doc."""
+    rounds of ``repeats`` steps; see the module doc. ``engine`` runs our models (``ours_k0`` and
+    meProp) through the fused step where it supports the setting (Adam on the CPU), else autograd."""
     steps = repeats or 20
     target = resolve_device(device)
     stamps = _Stamps(target)
@@ -365,10 +381,15 @@ def run_bench(quick: bool = False, repeats: int | None = None, warmup: int = 50,
         subjects = [_subject("dense", 0, dense_model, stock_optimizer(optimizer, dense_model.parameters(), lr),
                              batches, stamps)]
         for mode, k in [("ours_k0", 0)] + [(mode, k) for mode in modes for k in ks if k < d_hidden]:
-            config = Config(optimizer=optimizer, d_hidden=d_hidden, k=k, unified=(mode == "unified")).replace()
+            config = Config(optimizer=optimizer, d_hidden=d_hidden, k=k, unified=(mode == "unified"),
+                            device=target.type).replace()
+            if engine == "fused" and fused_engine_limits(config) is None and cpu_kernels() is not None:
+                config = config.replace(engine="fused")
             torch.manual_seed(0)
             model = build_mlp(D_INPUT, N_CLASSES, d_hidden, 3, k, unified=config.unified, sparse_grad=True).to(target)
-            subjects.append(_subject(mode, k, model, build_optimizer(config, model), batches, stamps))
+            step_optimizer = build_optimizer(config, model)
+            fused = FusedMLPStep(config, model, step_optimizer) if config.engine == "fused" else None
+            subjects.append(_subject(mode, k, model, step_optimizer, batches, stamps, fused))
         _time_interleaved(subjects, batches, steps, rounds, warmup, stamps)
         weight_bytes = FLOAT_BYTES * sum(p.numel() for p in dense_model.parameters())
         rates = MachineRates(gemm, copy_bandwidth(target, weight_bytes))

@@ -137,8 +137,11 @@ def sweep(config_path: str | None, k_list: str, seeds: str | None, overrides: tu
               help="Interleaved rounds; each speedup is the median of the per-round ratios.")
 @click.option("--optimizer", type=click.Choice(["adam", "adagrad", "sgd"]), default="adam", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--engine", type=click.Choice(["fused", "autograd"]), default="fused", show_default=True,
+              help="How our models (ours_k0 and meProp) train: the fused step where it supports the setting, "
+                   "or autograd.")
 def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: int | None, repeats: int | None,
-          rounds: int, optimizer: str, device: str) -> None:
+          rounds: int, optimizer: str, device: str, engine: str) -> None:
     """Time forward, linear backward, backward, update and full step: meProp vs nn.Linear, against a bound."""
     import json
 
@@ -157,9 +160,11 @@ def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: in
     def log(line: str) -> None:
         lines.append(line.strip())
         click.echo(line, err=True)
-    records = run_bench(quick=quick, repeats=repeats, rounds=rounds, optimizer=optimizer, device=device, log=log)
+    records = run_bench(quick=quick, repeats=repeats, rounds=rounds, optimizer=optimizer, device=device, log=log,
+                        engine=engine)
     machine = lines[0] if lines else ""
-    click.echo(f"# meprop bench{' --quick' if quick else ''}\n\n{header}; {machine}; medians in µs over "
+    click.echo(f"# meprop bench{' --quick' if quick else ''}\n\n{header}; our models: engine {engine}; {machine}; "
+               f"medians in µs over "
                f"{rounds} interleaved rounds; speedups against stock PyTorch dense (`dense`)\n\n{markdown_table(records)}")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
