@@ -47,7 +47,7 @@ def _build(required: bool) -> ModuleType | None:
         from torch.utils import cpp_extension
 
         print("mnist_meprop: loading the CPU kernels (compiled on first use, about 30 s)", file=sys.stderr, flush=True)
-        return cpp_extension.load(name="mnist_meprop_cpu_v7", sources=[source],
+        return cpp_extension.load(name="mnist_meprop_cpu_v10", sources=[source],
                                   extra_cflags=["-O3", "-march=native", "-fno-math-errno"], verbose=False)
     except Exception as error:  # no compiler, no ninja, unsupported platform...
         if required:

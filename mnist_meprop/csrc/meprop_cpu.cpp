@@ -17,6 +17,14 @@ namespace {
 
 // Exact Adam's idle steps use a 3-term series in eps / (b sqrt(v)) where that ratio stays below this.
 constexpr double kSeriesRatio = 1e-2;
+// Below this, beta^step no longer changes a bias correction 1 - beta^step in double precision.
+constexpr double kSettled = 1e-17;
+
+// sum_{q=1..n} ratio^q
+inline double geometric_sum(double ratio, int64_t n) {
+  if (std::abs(1.0 - ratio) < 1e-12) return static_cast<double>(n) * ratio;
+  return ratio * (1.0 - std::pow(ratio, static_cast<double>(n))) / (1.0 - ratio);
+}
 
 // Below this many multiply-adds a loop runs on one thread: waking the pool costs more.
 constexpr int64_t kParallelWork = 1 << 18;
@@ -244,49 +252,97 @@ void adam_rows_exact(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor e
         scalar_t* __restrict__ mm = m + off;
         scalar_t* __restrict__ vv = v + off;
         const int64_t idle = upto - last[row];
+        scalar_t decay1 = 1, decay2 = 1;
+        bool pending = false;
         if (idle > 0) {
           // idle step j = last + q (q = 1..n): p -= a_q m / (b_q sqrt(v) + eps), with
           // a_q = lr beta1^q / (1 - beta1^j) and b_q = beta2^(q/2) / sqrt(1 - beta2^j).
           const int64_t n = std::min(idle, horizon);
-          scale.resize(n);
-          shrink.resize(n);
           // Where eps / (b_q sqrt(v)) = u_q <= kSeriesRatio for every q, 1 / (1 + u) = 1 - u + u^2
-          // (error below u^3 = 1e-6, relative) turns the sum into three per-row scalars.
-          double series0 = 0, series1 = 0, series2 = 0, smallest_shrink = INFINITY;
-          for (int64_t q = 1; q <= n; ++q) {
-            const double j = static_cast<double>(last[row] + q);
-            const double a = lr * std::pow(beta1, static_cast<double>(q)) / (1.0 - std::pow(beta1, j));
-            const double b = std::pow(beta2, 0.5 * q) / std::sqrt(1.0 - std::pow(beta2, j));
-            scale[q - 1] = a;
-            shrink[q - 1] = b;
-            series0 += a / b;
-            series1 += a / (b * b);
-            series2 += a / (b * b * b);
-            smallest_shrink = std::min(smallest_shrink, b);
+          // (error below u^3 = 1e-6, relative) turns the sum into three per-row scalars:
+          // series_i = sum_q a_q / b_q^(i + 1). The powers advance by one multiplication per q; once
+          // the bias corrections are 1 to double precision, the sums are geometric, in closed form.
+          const double first1 = std::pow(beta1, static_cast<double>(last[row] + 1));  // beta^j at q = 1
+          const double first2 = std::pow(beta2, static_cast<double>(last[row] + 1));
+          double series0 = 0, series1 = 0, series2 = 0, smallest_shrink;
+          if (first1 < kSettled && first2 < kSettled) {  // a_q = lr beta1^q, b_q = beta2^(q/2)
+            const double root2 = std::sqrt(beta2);
+            series0 = lr * geometric_sum(beta1 / root2, n);
+            series1 = lr * geometric_sum(beta1 / beta2, n);
+            series2 = lr * geometric_sum(beta1 / (beta2 * root2), n);
+            smallest_shrink = std::pow(root2, static_cast<double>(n));
+          } else {
+            double pow1 = beta1, pow2_half = std::sqrt(beta2), bias1 = first1, bias2 = first2;
+            const double step2_half = pow2_half;
+            smallest_shrink = INFINITY;
+            for (int64_t q = 1; q <= n; ++q) {
+              const double a = lr * pow1 / (1.0 - bias1);
+              const double b = pow2_half / std::sqrt(1.0 - bias2);
+              const double over_b = 1.0 / b;
+              series0 += a * over_b;
+              series1 += a * over_b * over_b;
+              series2 += a * over_b * over_b * over_b;
+              smallest_shrink = std::min(smallest_shrink, b);
+              pow1 *= beta1;
+              pow2_half *= step2_half;
+              bias1 *= beta1;
+              bias2 *= beta2;
+            }
           }
           const double threshold = eps / (kSeriesRatio * smallest_shrink);
           const scalar_t s0 = series0, s1 = series1 * eps, s2 = series2 * eps * eps;
+          // The series for every element, without branches so that the loop vectorises; the
+          // elements with sqrt(v) near eps are counted and redone below.
+          const scalar_t limit = threshold;
+          int64_t near_eps = 0;
           for (int64_t c = 0; c < width; ++c) {
             const scalar_t root = std::sqrt(vv[c]);
-            if (root > threshold) {
-              const scalar_t inv = scalar_t(1) / root;
-              moved[c] = mm[c] * inv * (s0 - inv * (s1 - inv * s2));
-            } else {  // sqrt(v) near eps: the idle steps summed as they are
+            const scalar_t inv = scalar_t(1) / root;
+            moved[c] = mm[c] * inv * (s0 - inv * (s1 - inv * s2));
+            near_eps += root <= limit;
+          }
+          if (near_eps > 0) {  // the idle steps summed as they are, from tables of a_q and b_q
+            scale.resize(n);
+            shrink.resize(n);
+            double pow1 = beta1, pow2_half = std::sqrt(beta2), bias1 = first1, bias2 = first2;
+            const double step2_half = pow2_half;
+            for (int64_t q = 0; q < n; ++q) {
+              scale[q] = lr * pow1 / (1.0 - bias1);
+              shrink[q] = pow2_half / std::sqrt(1.0 - bias2);
+              pow1 *= beta1;
+              pow2_half *= step2_half;
+              bias1 *= beta1;
+              bias2 *= beta2;
+            }
+            for (int64_t c = 0; c < width; ++c) {
+              const scalar_t root = std::sqrt(vv[c]);
+              if (root > limit) continue;
               scalar_t sum = 0;
               for (int64_t q = 0; q < n; ++q) sum += scale[q] * mm[c] / (shrink[q] * root + e);
               moved[c] = sum;
             }
           }
-          const scalar_t decay1 = std::pow(beta1, static_cast<double>(idle));
-          const scalar_t decay2 = std::pow(beta2, static_cast<double>(idle));
+          decay1 = std::pow(beta1, static_cast<double>(idle));
+          decay2 = std::pow(beta2, static_cast<double>(idle));
+          pending = true;
+        }
+        // One pass over the row: the idle steps (if any), then this step's gradient (if any).
+        const scalar_t* __restrict__ gg = g != nullptr ? g + i * width : nullptr;
+        if (pending && gg != nullptr) {
+          for (int64_t c = 0; c < width; ++c) {
+            const scalar_t gc = gg[c];
+            const scalar_t caught_up = pp[c] - moved[c];
+            mm[c] = b1 * (mm[c] * decay1) + one_b1 * gc;
+            vv[c] = b2 * (vv[c] * decay2) + one_b2 * gc * gc;
+            pp[c] = caught_up - step_size * mm[c] / (std::sqrt(vv[c]) * inv_b2 + e);
+          }
+        } else if (pending) {
           for (int64_t c = 0; c < width; ++c) {
             pp[c] -= moved[c];
             mm[c] *= decay1;
             vv[c] *= decay2;
           }
-        }
-        if (g != nullptr) {
-          const scalar_t* __restrict__ gg = g + i * width;
+        } else if (gg != nullptr) {
           for (int64_t c = 0; c < width; ++c) {
             const scalar_t gc = gg[c];
             mm[c] = b1 * mm[c] + one_b1 * gc;
