@@ -24,6 +24,7 @@ events time every phase.
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -166,6 +167,7 @@ class BenchRecord:
     gemm_gflops: float | None = None  # the rates the bound assumes
     bandwidth_gbs: float | None = None
     rounds: int = 0
+    engine: str = "stock"  # how the model trained: stock (nn.Linear + torch's optimizer), fused or autograd
 
 
 def _dense_mlp(d_hidden: int) -> nn.Sequential:
@@ -311,10 +313,11 @@ def _ratio(base: _Subject, subject: _Subject, phase: str) -> tuple[float, float]
     return middle, (quartiles[2] - quartiles[0]) / middle
 
 
-def _record(d_hidden: int, batch: int, subject: _Subject, stock: _Subject, engine: _Subject | None,
+def _record(d_hidden: int, batch: int, subject: _Subject, stock: _Subject, ours_dense: _Subject | None,
             rates: MachineRates) -> BenchRecord:
     record = BenchRecord(d_hidden, batch, subject.k, subject.mode,
-                         *(round(_median_of(subject, phase) * 1e6, 1) for phase in PHASES), rounds=len(subject.rounds))
+                         *(round(_median_of(subject, phase) * 1e6, 1) for phase in PHASES), rounds=len(subject.rounds),
+                         engine="stock" if subject is stock else ("fused" if subject.fused is not None else "autograd"))
     if subject is stock:
         return record
     lb, lb_spread = _ratio(stock, subject, "linear_backward")
@@ -323,8 +326,8 @@ def _record(d_hidden: int, batch: int, subject: _Subject, stock: _Subject, engin
     record.step_speedup, record.step_speedup_spread = round(step, 2), round(step_spread, 3)
     record.backward_speedup = round(_ratio(stock, subject, "backward")[0], 2)
     record.noisy = max(lb_spread, step_spread) > NOISY_SPREAD
-    if engine is not None:
-        record.step_speedup_vs_engine_dense = round(_ratio(engine, subject, "step")[0], 2)
+    if ours_dense is not None:
+        record.step_speedup_vs_engine_dense = round(_ratio(ours_dense, subject, "step")[0], 2)
     if subject.mode in ("unified", "per_example"):
         record.flop_limit = round(flop_limit(D_INPUT, d_hidden, N_CLASSES, subject.k), 2)
         record.pct_of_flop_limit = round(100 * lb / record.flop_limit, 1)
@@ -395,10 +398,12 @@ def run_bench(quick: bool = False, repeats: int | None = None, warmup: int = 50,
         rates = MachineRates(gemm, copy_bandwidth(target, weight_bytes))
         log(f"  d={d_hidden}: copy bandwidth {rates.bandwidth / 1e9:.1f} GB/s at the weights' size "
             f"({weight_bytes / 1e6:.1f} MB)")
-        stock, engine = subjects[0], subjects[1]
-        records += [_record(d_hidden, batch, subject, stock, engine if subject is not engine else None, rates)
+        stock, ours_dense = subjects[0], subjects[1]
+        records += [_record(d_hidden, batch, subject, stock, ours_dense if subject is not ours_dense else None, rates)
                     for subject in subjects]
         log(f"  d={d_hidden} minibatch={batch}: {len(subjects)} models timed, {rounds} interleaved rounds")
+        del subjects, stock, ours_dense
+        gc.collect()  # the models and optimizers (linked by the optimizers' hooks) go before the next setting
     return records
 
 

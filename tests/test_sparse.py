@@ -177,6 +177,8 @@ def test_quick_bench_produces_every_target_row(tmp_path):
         assert (target[0], target[1], "dense", 0) in keys and (target[0], target[1], "ours_k0", 0) in keys
     for row in rows:
         assert row["step_us"] > 0 and row["linear_backward_us"] > 0 and row["rounds"] == 3
+        # every setting, not only the first, trains our models through the fused engine
+        assert row["engine"] == ("stock" if row["mode"] == "dense" else "fused" if cpu_kernels() else "autograd")
         if row["mode"] != "dense":
             assert row["linear_backward_speedup"] > 0 and row["step_speedup"] > 0
             assert row["step_speedup_spread"] >= 0
