@@ -88,6 +88,9 @@ class Config:
     evals_per_epoch: int = 1
     # How a training step runs: through autograd and the optimizer, or one fused C++ call.
     engine: str = "autograd"
+    # Flush denormal floats to zero while training (torch.set_flush_denormal): Adam's moments of
+    # units that stop getting gradients decay into denormals, which the CPU computes with slowly.
+    flush_denormal: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,6 +148,7 @@ _RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]] = {
     "adagrad_eps": (str, False, _one_of(ADAGRAD_EPS)),
     "evals_per_epoch": (int, False, _at_least(1)),
     "engine": (str, False, _one_of(ENGINES)),
+    "flush_denormal": (bool, False, None),
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(Config)}
 

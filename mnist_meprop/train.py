@@ -274,28 +274,40 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
 
     With ``config.simplify.enabled`` the hidden layers shrink on meSimp's schedule (see
     :mod:`mnist_meprop.simplify`); the active units are logged after each prune and epoch.
+    With ``config.flush_denormal`` the run computes with denormal floats flushed to zero (the
+    setting in force before is restored afterwards).
     """
     log = log or to_stderr
-    run = _prepare(config, task, data, checkpoint, log, model_file)
-    result, timings = run.result, run.result.timings
-    elapsed_before, run_start = timings["total"], run.clock()
-    for epoch in range(len(result.epochs) + 1, config.n_epoch + 1):
-        record = _train_epoch(run, epoch, should_stop)
-        # Exact row-sparse Adam applies pending idle steps for good at each epoch's end (whether or
-        # not a checkpoint is saved), so a resumed run continues exactly as an uninterrupted one.
-        # That is deferred update work: it is timed as update.
-        flush_start = run.clock()
-        run.optimizer.flush()
-        timings["update"] += run.clock() - flush_start
-        result.epochs.append(record)
-        if run.simplifier is not None:
-            result.units, result.prunes = record["units"], run.simplifier.prunes
-        timings["train"] = timings["forward"] + timings["backward"] + timings["update"]
-        timings["total"] = elapsed_before + run.clock() - run_start
-        if checkpoint is not None:
-            _save_run_checkpoint(run, checkpoint, epoch)
-        log(f"  epoch {epoch}/{config.n_epoch}  loss {record['train_loss']:.4f}  dev {record['dev_acc']:.2f}%  "
-            f"best {result.best_dev_acc:.2f}% @{result.best_epoch:g}  test@best {result.test_acc:.2f}%  "
-            + (f"units {record['units']}  " if "units" in record else "")
-            + f"({record['seconds']:.1f}s)")
+    flushing_before = flushes_denormals()
+    torch.set_flush_denormal(config.flush_denormal)
+    try:
+        run = _prepare(config, task, data, checkpoint, log, model_file)
+        result, timings = run.result, run.result.timings
+        elapsed_before, run_start = timings["total"], run.clock()
+        for epoch in range(len(result.epochs) + 1, config.n_epoch + 1):
+            record = _train_epoch(run, epoch, should_stop)
+            # Exact row-sparse Adam applies pending idle steps for good at each epoch's end (whether or
+            # not a checkpoint is saved), so a resumed run continues exactly as an uninterrupted one.
+            # That is deferred update work: it is timed as update.
+            flush_start = run.clock()
+            run.optimizer.flush()
+            timings["update"] += run.clock() - flush_start
+            result.epochs.append(record)
+            if run.simplifier is not None:
+                result.units, result.prunes = record["units"], run.simplifier.prunes
+            timings["train"] = timings["forward"] + timings["backward"] + timings["update"]
+            timings["total"] = elapsed_before + run.clock() - run_start
+            if checkpoint is not None:
+                _save_run_checkpoint(run, checkpoint, epoch)
+            log(f"  epoch {epoch}/{config.n_epoch}  loss {record['train_loss']:.4f}  dev {record['dev_acc']:.2f}%  "
+                f"best {result.best_dev_acc:.2f}% @{result.best_epoch:g}  test@best {result.test_acc:.2f}%  "
+                + (f"units {record['units']}  " if "units" in record else "")
+                + f"({record['seconds']:.1f}s)")
+    finally:
+        torch.set_flush_denormal(flushing_before)
     return result
+
+
+def flushes_denormals() -> bool:
+    """Whether the CPU currently flushes denormal floats to zero (``torch.set_flush_denormal``)."""
+    return bool(torch.tensor([1e-39]).mul(1.0)[0] == 0)

@@ -113,3 +113,4 @@ def test_the_fused_engine_trains_only_what_it_supports():
     assert result.exit_code == 2
     assert result.output.strip() == ("meprop: error: engine: fused does not support dropout: 0.2 (needs 0.0) "
                                      "(use engine: autograd)")
+

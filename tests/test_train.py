@@ -98,3 +98,18 @@ def test_progress_line_per_epoch(tiny_data):
     train_run(Config(**TINY, k=8), tiny_data, lines.append)
     assert len(lines) == 3
     assert lines[0].strip().startswith("epoch 1/3") and "dev" in lines[0]
+
+
+def test_flush_denormal_holds_during_the_run_and_is_restored_after():
+    from mnist_meprop.config import validate
+    from mnist_meprop.data import load_data
+    from mnist_meprop.train import flushes_denormals, train_run
+    raw = dict(dataset="sample", dev_size=100, train_limit=100, test_limit=100, n_epoch=2, d_hidden=16,
+               d_minibatch=20, k=4)
+    data = load_data(validate(raw))
+    seen = []
+    assert not flushes_denormals()
+    train_run(validate({**raw, "flush_denormal": True}), data, lambda line: seen.append(flushes_denormals()))
+    assert seen == [True, True] and not flushes_denormals()
+    train_run(validate(raw), data, lambda line: seen.append(flushes_denormals()))
+    assert seen[2:] == [False, False]
