@@ -3,6 +3,8 @@
 ``MEPROP_KERNELS=auto`` (default) builds the extension with torch's C++ toolchain the first time
 it is needed (about half a minute, then cached) and uses PyTorch ops if that fails;
 ``cpp`` makes a failed build an error; ``torch`` never builds and always uses PyTorch ops.
+The kernels are built with OpenMP, as torch is: ``at::parallel_for`` in code built without it
+runs on the calling thread only.
 """
 
 from __future__ import annotations
@@ -47,11 +49,34 @@ def _build(required: bool) -> ModuleType | None:
         from torch.utils import cpp_extension
 
         print("mnist_meprop: loading the CPU kernels (compiled on first use, about 30 s)", file=sys.stderr, flush=True)
-        return cpp_extension.load(name="mnist_meprop_cpu_v10", sources=[source],
-                                  extra_cflags=["-O3", "-march=native", "-fno-math-errno"], verbose=False)
+        return cpp_extension.load(name="mnist_meprop_cpu_v13", sources=[source],
+                                  extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, unsupported platform...
         if required:
             raise RuntimeError(f"MEPROP_KERNELS=cpp but the CPU kernels did not build: {error}") from error
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(f"mnist_meprop: CPU kernels unavailable ({first_line}); using PyTorch ops", stacklevel=2)
         return None
+
+
+def set_flush_denormal(on: bool) -> None:
+    """Flush denormal floats to zero (or stop) on every CPU thread torch computes on.
+
+    ``torch.set_flush_denormal`` changes the calling thread only, while torch's worker threads
+    keep the mode they started with; the compiled kernels set it on each of them. Without them,
+    only the calling thread is changed.
+    """
+    import torch
+
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.set_flush_denormal_all_threads(on):
+        torch.set_flush_denormal(on)
+
+
+def flushes_denormals() -> bool:
+    """Whether every CPU thread torch computes on flushes denormal floats to zero."""
+    import torch
+
+    denormals = torch.full((max(1, torch.get_num_threads()) << 20,), 1e-39)  # large enough for every thread
+    return bool((denormals * 1.0 == 0).all())

@@ -16,7 +16,7 @@ from torch import nn
 from .config import Config, resolve_device
 from .data import Splits, iterate_minibatches
 from .engine import FusedMLPStep
-from .kernels import cpu_kernels
+from .kernels import cpu_kernels, flushes_denormals, set_flush_denormal
 from .log import to_stderr
 from .optim import OptimizerGroup, build_optimizer
 from .ops import is_meprop_active, time_linear_backward
@@ -278,8 +278,10 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     setting in force before is restored afterwards).
     """
     log = log or to_stderr
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)  # before the flush setting, which is per thread
     flushing_before = flushes_denormals()
-    torch.set_flush_denormal(config.flush_denormal)
+    set_flush_denormal(config.flush_denormal)
     try:
         run = _prepare(config, task, data, checkpoint, log, model_file)
         result, timings = run.result, run.result.timings
@@ -304,10 +306,5 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
                 + (f"units {record['units']}  " if "units" in record else "")
                 + f"({record['seconds']:.1f}s)")
     finally:
-        torch.set_flush_denormal(flushing_before)
+        set_flush_denormal(flushing_before)
     return result
-
-
-def flushes_denormals() -> bool:
-    """Whether the CPU currently flushes denormal floats to zero (``torch.set_flush_denormal``)."""
-    return bool(torch.tensor([1e-39]).mul(1.0)[0] == 0)

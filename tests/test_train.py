@@ -103,7 +103,8 @@ def test_progress_line_per_epoch(tiny_data):
 def test_flush_denormal_holds_during_the_run_and_is_restored_after():
     from mnist_meprop.config import validate
     from mnist_meprop.data import load_data
-    from mnist_meprop.train import flushes_denormals, train_run
+    from mnist_meprop.kernels import flushes_denormals
+    from mnist_meprop.train import train_run
     raw = dict(dataset="sample", dev_size=100, train_limit=100, test_limit=100, n_epoch=2, d_hidden=16,
                d_minibatch=20, k=4)
     data = load_data(validate(raw))

@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 #include <chrono>
 #include <cstring>
 #include <functional>
@@ -427,10 +430,28 @@ std::vector<torch::Tensor> mlp_adam_step(torch::Tensor x, torch::Tensor y, std::
       if (needs_dx) dx = dz.mm(weight);
     }
     const auto grads_end = Clock::now();
-    adam_rows_exact(weight, exp_avgs[2 * l], exp_avg_sqs[2 * l], last_steps[2 * l], rows, w_values.contiguous(), lr,
-                    beta1, beta2, eps, step, horizon);
-    adam_rows_exact(biases[l], exp_avgs[2 * l + 1], exp_avg_sqs[2 * l + 1], last_steps[2 * l + 1], rows,
-                    b_values.contiguous(), lr, beta1, beta2, eps, step, horizon);
+    if (meprop) {
+      adam_rows_exact(weight, exp_avgs[2 * l], exp_avg_sqs[2 * l], last_steps[2 * l], rows, w_values.contiguous(),
+                      lr, beta1, beta2, eps, step, horizon);
+      adam_rows_exact(biases[l], exp_avgs[2 * l + 1], exp_avg_sqs[2 * l + 1], last_steps[2 * l + 1], rows,
+                      b_values.contiguous(), lr, beta1, beta2, eps, step, horizon);
+    } else {
+      // Every row has a gradient: torch's own fused Adam (as the stock optimizer), after any idle
+      // steps still pending from an earlier meProp phase.
+      for (int64_t part = 2 * l; part <= 2 * l + 1; ++part) {
+        const torch::Tensor& param = part == 2 * l ? weight : biases[l];
+        const torch::Tensor stale = last_steps[part].lt(step - 1).nonzero().flatten();
+        if (stale.numel() > 0)
+          adam_rows_exact(param, exp_avgs[part], exp_avg_sqs[part], last_steps[part], stale, c10::nullopt, lr, beta1,
+                          beta2, eps, step - 1, horizon);
+      }
+      const torch::Tensor step_count = torch::full({}, static_cast<double>(step), torch::kFloat);
+      at::_fused_adam_({weight, biases[l]}, {w_values, b_values}, {exp_avgs[2 * l], exp_avgs[2 * l + 1]},
+                       {exp_avg_sqs[2 * l], exp_avg_sqs[2 * l + 1]}, {}, {step_count, step_count}, lr, beta1, beta2,
+                       0.0, eps, false, false, c10::nullopt, c10::nullopt);
+      last_steps[2 * l].fill_(step);
+      last_steps[2 * l + 1].fill_(step);
+    }
     const auto update_end = Clock::now();
     linear_s += seconds(layer_start, grads_end);
     update_s += seconds(grads_end, update_end);
@@ -468,10 +489,31 @@ void adagrad_rows(torch::Tensor param, torch::Tensor state_sum, torch::Tensor ro
   });
 }
 
+// Flush-to-zero and denormals-are-zero on this thread and on every thread of ATen's pool.
+// torch.set_flush_denormal sets them on the calling thread only, and a pool thread keeps the
+// floating-point mode it started with. Returns false where the CPU has no such mode.
+bool set_flush_denormal_all_threads(bool on) {
+#if defined(__SSE__)
+  const auto apply = [on] {
+    constexpr unsigned kFlushBits = 0x8040;  // FTZ (bit 15) and DAZ (bit 6) of MXCSR
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(on ? (csr | kFlushBits) : (csr & ~kFlushBits));
+  };
+  apply();
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { apply(); });  // one index per pool thread
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("per_example_backward", &per_example_backward, "meProp per-example backward (CPU)");
   m.def("adam_rows", &adam_rows, "lazy Adam update of some rows (CPU)");
   m.def("adam_rows_exact", &adam_rows_exact, "exact (dense-equivalent) Adam update of some rows (CPU)");
   m.def("mlp_adam_step", &mlp_adam_step, "one fused MLP training step with meProp and exact Adam (CPU)");
+  m.def("set_flush_denormal_all_threads", &set_flush_denormal_all_threads,
+        "flush denormals to zero on every ATen thread (x86)");
   m.def("adagrad_rows", &adagrad_rows, "AdaGrad update of some rows (CPU)");
 }
