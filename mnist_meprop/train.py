@@ -110,9 +110,8 @@ class _Run:
 
 def _prepare(config: Config, task: Task, data: Splits, checkpoint: Path | None,
              log: Callable[[str], None], model_file: Path | None) -> _Run:
-    """Threads, device, kernels, the seeded model, meSimp, the optimizer, and the checkpoint's state if any."""
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    """Device, kernels, the seeded model, meSimp, the optimizer, and the checkpoint's state if any
+    (:func:`train_run` has set the thread count)."""
     device = resolve_device(config.device)
     if device.type == "cpu" and is_meprop_active(config.k, config.d_hidden) and not config.unified:
         cpu_kernels()  # build/load the kernels now, so a first-use compile is not timed as backward
