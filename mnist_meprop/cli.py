@@ -33,7 +33,8 @@ def _heading(config: Config) -> str:
     env = environment()
     return (f"## {config.name}: {config.dataset}, MLP {config.n_layer} layers, hidden {config.d_hidden}, "
             f"minibatch {config.d_minibatch}, {config.optimizer} lr {config.lr:g}"
-            f" ({config.sparse_update} update), dropout {config.dropout:g}, "
+            f" ({config.sparse_update} update{', fused engine' if config.engine == 'fused' else ''}"
+            f"{', denormals flushed' if config.flush_denormal else ''}), dropout {config.dropout:g}, "
             f"{config.n_epoch} epochs; torch {env['torch']}, {env['threads']} threads, {env['cpu']}, {config.device}")
 
 
