@@ -280,7 +280,8 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     if config.threads is not None:
         torch.set_num_threads(config.threads)  # before the flush setting, which is per thread
     flushing_before = flushes_denormals()
-    set_flush_denormal(config.flush_denormal)
+    if config.flush_denormal != flushing_before:  # (setting it on every thread may load the kernels)
+        set_flush_denormal(config.flush_denormal)
     try:
         run = _prepare(config, task, data, checkpoint, log, model_file)
         result, timings = run.result, run.result.timings
@@ -305,5 +306,6 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
                 + (f"units {record['units']}  " if "units" in record else "")
                 + f"({record['seconds']:.1f}s)")
     finally:
-        set_flush_denormal(flushing_before)
+        if config.flush_denormal != flushing_before:
+            set_flush_denormal(flushing_before)
     return result
