@@ -24,6 +24,7 @@ Two of the authors' details live here too: ``adagrad_eps: inside`` (their C# Ada
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -52,6 +53,7 @@ def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(grad.shape[0], device=grad.device), grad
 
 
+@functools.cache  # called on every exact step, with the same few betas
 def exact_adam_horizon(beta1: float, beta2: float, tolerance: float = 1e-10) -> int:
     """How many idle steps of exact Adam are summed: later ones add less than ``tolerance`` of the
     first idle step's update. The i-th idle step is at most ``(beta1 / sqrt(beta2))^(i-1) /
@@ -286,8 +288,8 @@ class OptimizerGroup:
         """Within the block the parameters are up to date (as :meth:`flush`); afterwards they and the
         optimizer state are as before, so that reading the weights (e.g. to evaluate) does not
         change the training that follows."""
-        saved = [(param, param.detach().clone(), {key: value.clone() for key, value in optimizer.state[param].items()
-                                                  if torch.is_tensor(value)})
+        saved = [(param, param.detach().clone(), optimizer.state[param],
+                  {key: value.clone() for key, value in optimizer.state[param].items() if torch.is_tensor(value)})
                  for optimizer in self.optimizers if isinstance(optimizer, RowSparseOptimizer) and optimizer.exact
                  for group in optimizer.param_groups for param in group["params"] if optimizer.state.get(param)]
         self.flush()
@@ -295,12 +297,10 @@ class OptimizerGroup:
             yield
         finally:
             with torch.no_grad():
-                for param, data, state in saved:
+                for param, data, state, copies in saved:
                     param.copy_(data)
-                    for optimizer in self.optimizers:
-                        if param in optimizer.state:
-                            for key, value in state.items():
-                                optimizer.state[param][key].copy_(value)
+                    for key, value in copies.items():
+                        state[key].copy_(value)
 
     def step(self) -> None:
         if self.grad_clip is not None:
