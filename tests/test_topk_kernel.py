@@ -1,0 +1,69 @@
+"""The compiled per-example top-k selection against a stable sort (the first entries among ties).
+
+The kernel's radix select has special paths (rows with at most k nonzero entries, a vectorised
+compaction in blocks of 16, a second-level histogram); each case below reaches one of them.
+"""
+
+import pytest
+import torch
+
+from mnist_meprop.kernels import cpu_kernels
+
+kernels = cpu_kernels()
+pytestmark = pytest.mark.skipif(kernels is None, reason="the compiled CPU kernels are not available")
+
+
+def reference_topk(row: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest |row|, the first ones among equal magnitudes, in increasing order."""
+    order = sorted(range(len(row)), key=lambda j: (-abs(row[j].item()), j))
+    return sorted(order[:k])
+
+
+def kernel_topk(row: torch.Tensor, k: int) -> list[int]:
+    """The rows the kernel keeps for a single example: its top-k selection."""
+    _, rows, _, bias_values = kernels.per_example_backward(row.reshape(1, -1).contiguous(), None, None, None, k,
+                                                           False, False)
+    torch.testing.assert_close(bias_values, row[rows])  # each kept row's bias gradient is its dy
+    return rows.tolist()
+
+
+def make_row(case: str, width: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    row = torch.randn(width, generator=generator, dtype=torch.float64)
+    if case == "relu_zeros":  # half the entries exactly zero, as behind a ReLU
+        row[torch.rand(width, generator=generator) < 0.5] = 0
+    elif case == "few_nonzero":  # fewer nonzero entries than k: they, then the first zeros
+        row.zero_()
+        row[torch.randperm(width, generator=generator)[:5]] = 1.5
+    elif case == "ties":  # magnitudes from a small set, both signs: ties at the threshold
+        row = torch.randint(1, 4, (width,), generator=generator).double()
+        row *= torch.where(torch.rand(width, generator=generator) < 0.5, -1.0, 1.0)
+    elif case == "close":  # values within one float bin: the second-level histogram decides
+        row = 1 + torch.rand(width, generator=generator, dtype=torch.float64) * 1e-3
+    elif case == "wide_range":  # magnitudes over 60 orders, with denormals
+        row = row * torch.pow(10.0, torch.randint(-40, 20, (width,), generator=generator).double())
+    return row.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["gaussian", "relu_zeros", "few_nonzero", "ties", "close", "wide_range"])
+@pytest.mark.parametrize("width,k", [(500, 20), (37, 10), (16, 15), (33, 1)])
+def test_kernel_topk_equals_a_stable_sort(dtype, case, width, k):
+    for seed in range(3):
+        row = make_row(case, width, dtype, seed)
+        assert kernel_topk(row, k) == reference_topk(row, k), (case, width, k, seed)
+
+
+def test_kernel_topk_per_example_over_a_minibatch():
+    """Each example's own top-k: the kept rows are the union, and each row's bias gradient sums
+    the dy of the examples that kept it."""
+    generator = torch.Generator().manual_seed(0)
+    dy = torch.randn(50, 300, generator=generator)
+    dy[dy.abs() < 0.5] = 0
+    k = 20
+    keep = torch.zeros_like(dy, dtype=torch.bool)
+    for i, row in enumerate(dy):
+        keep[i, reference_topk(row, k)] = True
+    _, rows, _, bias_values = kernels.per_example_backward(dy, None, None, None, k, False, False)
+    assert rows.tolist() == keep.any(0).nonzero().flatten().tolist()
+    torch.testing.assert_close(bias_values, (dy * keep).sum(0)[rows])
