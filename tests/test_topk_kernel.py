@@ -67,3 +67,23 @@ def test_kernel_topk_per_example_over_a_minibatch():
     _, rows, _, bias_values = kernels.per_example_backward(dy, None, None, None, k, False, False)
     assert rows.tolist() == keep.any(0).nonzero().flatten().tolist()
     torch.testing.assert_close(bias_values, (dy * keep).sum(0)[rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width_in", [784, 300, 100])
+def test_kernel_gradients_equal_the_dense_backward_of_the_masked_dy(dtype, width_in):
+    """dW rows, bias and dx at sizes that use the kernel's column blocks and their tails."""
+    generator = torch.Generator().manual_seed(1)
+    n, out, k = 50, 200, 20
+    x = torch.randn(n, width_in, generator=generator, dtype=dtype)
+    weight = torch.randn(out, width_in, generator=generator, dtype=dtype)
+    dy = torch.randn(n, out, generator=generator, dtype=dtype)
+    keep = torch.zeros_like(dy, dtype=torch.bool)
+    for i, row in enumerate(dy):
+        keep[i, reference_topk(row, k)] = True
+    masked = dy * keep
+    dx, rows, weight_values, bias_values = kernels.per_example_backward(dy, x, weight, None, k, True, True)
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(dx, masked @ weight, **tolerance)
+    torch.testing.assert_close(weight_values, (masked.t() @ x)[rows], **tolerance)
+    torch.testing.assert_close(bias_values, masked.sum(0)[rows], **tolerance)

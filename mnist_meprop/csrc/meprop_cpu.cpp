@@ -38,99 +38,157 @@ inline int64_t grain(int64_t range, int64_t work_per_item) {
                                                : std::max<int64_t>(kParallelWork / std::max<int64_t>(work_per_item, 1), 1);
 }
 
+// Writes the entries of bits [size] that are >= floor, and their positions (index[c], or c
+// when index is null), to out_bits / out_index in order; returns how many. Branch-free, and with
+// AVX-512 on 32-bit keys a compress of 16 at a time (the outputs need 16 entries of slack).
+template <typename bits_t>
+int64_t compact_at_least(const bits_t* bits, const int32_t* index, int64_t size, bits_t floor, bits_t* out_bits,
+                         int32_t* out_index) {
+  int64_t kept = 0, c = 0;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(bits_t) == 4) {
+    const __m512i floor_vec = _mm512_set1_epi32(static_cast<int32_t>(floor));
+    __m512i position = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    for (; c + 16 <= size; c += 16) {
+      const __m512i v = _mm512_loadu_si512(bits + c);
+      const __m512i at = index != nullptr ? _mm512_loadu_si512(index + c) : position;
+      const __mmask16 keep = _mm512_cmpge_epu32_mask(v, floor_vec);
+      _mm512_storeu_si512(out_bits + kept, _mm512_maskz_compress_epi32(keep, v));
+      _mm512_storeu_si512(out_index + kept, _mm512_maskz_compress_epi32(keep, at));
+      kept += __builtin_popcount(keep);
+      position = _mm512_add_epi32(position, sixteen);
+    }
+  }
+#endif
+  for (; c < size; ++c) {
+    out_bits[kept] = bits[c];
+    out_index[kept] = index != nullptr ? index[c] : static_cast<int32_t>(c);
+    kept += bits[c] >= floor;
+  }
+  return kept;
+}
+
 // Top-k of |dy| for each row of dy [n, out]; indices (sorted) written to idx [n, k]; among equal
 // magnitudes at the threshold, the first ones. A radix select on the bits of |dy| (for
 // non-negative floats the bit patterns order as the values):
-//  - rows with at most k nonzero entries (ReLU zeros) take them and the first zeros;
-//  - a histogram of the top 11 bits (scanned and cleared over the occupied range only) finds the
-//    bin holding the k-th largest;
-//  - the candidates (that bin and above) are compacted in index order (AVX-512 compress where
-//    available), a histogram of the next 8 bits over the bin's members narrows the threshold to
-//    a handful of entries, and a selection among those finds it.
-// Measured here (one thread, n = 200, out = 500, k = 20, Gaussian dy, loaded machine): 92 us,
-// against 137 us for one histogram and a selection among all candidates and ~500 us for the
-// earlier four-pass version with a full 2048-bin scan per row.
+//  - the nonzero entries are compacted first (ReLU zeros are common, and a histogram bin hit
+//    in a row stalls on its own store); rows with at most k of them take them and the first zeros;
+//  - a histogram of the top 11 bits of the nonzero entries (four interleaved copies, scanned and
+//    cleared over the occupied range only) finds the bin holding the k-th largest;
+//  - the candidates (that bin and above) are compacted in index order, a histogram of the next 8
+//    bits over the bin's members narrows the threshold to a handful of entries, and a selection
+//    among those finds it.
+// Measured here (one thread, n = 200, out = 500, k = 20, Gaussian dy with half zeros, loaded
+// machine): see the commit message.
 template <typename scalar_t>
 void topk_rows(const scalar_t* dy, int64_t n, int64_t out, int64_t k, int64_t* idx) {
   using bits_t = std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>;
   constexpr int kShift = 8 * sizeof(scalar_t) - 12;  // the sign bit of |x| is 0: 11 bits remain
   constexpr int kSubShift = kShift - 8;
+  constexpr int64_t kBins = 2048;
   at::parallel_for(0, n, grain(n, out * 4), [&](int64_t begin, int64_t end) {
-    std::vector<bits_t> bits(out), candidate_bits(out + 16), finalists;
-    std::vector<int32_t> candidate_index(out + 16);
-    std::vector<int32_t> histogram(2048, 0);
+    std::vector<bits_t> bits(out), nonzero_bits(out + 16), candidate_bits(out + 16), finalists;
+    std::vector<int32_t> nonzero_index(out + 16), candidate_index(out + 16);
+    std::vector<int32_t> histogram(4 * kBins, 0);
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* g = dy + row * out;
       int64_t* dst = idx + row * k;
-      bits_t top = 0, bottom = ~bits_t(0);
       for (int64_t j = 0; j < out; ++j) {
         const scalar_t magnitude = std::abs(g[j]);
         std::memcpy(&bits[j], &magnitude, sizeof(bits_t));
-        top = std::max(top, bits[j]);
-        bottom = std::min(bottom, bits[j]);
       }
-      int32_t nonzero = 0;  // (a separate loop: it vectorises)
-      for (int64_t j = 0; j < out; ++j) nonzero += bits[j] != 0;
+      const int64_t nonzero =
+          compact_at_least<bits_t>(bits.data(), nullptr, out, 1, nonzero_bits.data(), nonzero_index.data());
       if (nonzero <= k) {  // every nonzero entry, then the first zeros
         int64_t zeros = k - nonzero, count = 0;
         for (int64_t j = 0; j < out && count < k; ++j)
           if (bits[j] != 0 || zeros-- > 0) dst[count++] = j;
         continue;
       }
+      const bits_t* nz = nonzero_bits.data();
+      bits_t top = 0, bottom = ~bits_t(0);
+      for (int64_t c = 0; c < nonzero; ++c) {
+        top = std::max(top, nz[c]);
+        bottom = std::min(bottom, nz[c]);
+      }
       const int64_t high = static_cast<int64_t>(top >> kShift), low = static_cast<int64_t>(bottom >> kShift);
-      for (int64_t j = 0; j < out; ++j) ++histogram[bits[j] >> kShift];
+      int32_t* h = histogram.data();
+      int64_t c = 0;
+      for (; c + 4 <= nonzero; c += 4) {
+        ++h[nz[c] >> kShift];
+        ++h[kBins + (nz[c + 1] >> kShift)];
+        ++h[2 * kBins + (nz[c + 2] >> kShift)];
+        ++h[3 * kBins + (nz[c + 3] >> kShift)];
+      }
+      for (; c < nonzero; ++c) ++h[nz[c] >> kShift];
+      const auto bin_count = [&](int64_t b) { return h[b] + h[kBins + b] + h[2 * kBins + b] + h[3 * kBins + b]; };
       int64_t still = k, bucket = high;
-      for (; bucket > low && histogram[bucket] < still; --bucket) still -= histogram[bucket];
-      std::fill(histogram.begin() + low, histogram.begin() + high + 1, 0);
+      for (; bucket > low && bin_count(bucket) < still; --bucket) still -= bin_count(bucket);
+      for (int64_t copy = 0; copy < 4; ++copy) std::fill(h + copy * kBins + low, h + copy * kBins + high + 1, 0);
 
-      const bits_t floor_bits = static_cast<bits_t>(bucket) << kShift;
       bits_t* cand_bits = candidate_bits.data();
       int32_t* cand_index = candidate_index.data();
-      int64_t n_candidates = 0, j = 0;
-#if defined(__AVX512F__)
-      if constexpr (sizeof(bits_t) == 4) {
-        const __m512i floor_vec = _mm512_set1_epi32(static_cast<int32_t>(floor_bits));
-        __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        const __m512i sixteen = _mm512_set1_epi32(16);
-        for (; j + 16 <= out; j += 16) {  // the buffers have 16 entries of slack for the full stores
-          const __m512i v = _mm512_loadu_si512(bits.data() + j);
-          const __mmask16 keep = _mm512_cmpge_epu32_mask(v, floor_vec);
-          _mm512_storeu_si512(cand_bits + n_candidates, _mm512_maskz_compress_epi32(keep, v));
-          _mm512_storeu_si512(cand_index + n_candidates, _mm512_maskz_compress_epi32(keep, index));
-          n_candidates += __builtin_popcount(keep);
-          index = _mm512_add_epi32(index, sixteen);
-        }
-      }
-#endif
-      for (; j < out; ++j) {  // branch-free compaction, in index order
-        cand_bits[n_candidates] = bits[j];
-        cand_index[n_candidates] = static_cast<int32_t>(j);
-        n_candidates += bits[j] >= floor_bits;
-      }
+      const int64_t n_candidates = compact_at_least<bits_t>(nz, nonzero_index.data(), nonzero,
+                                                            static_cast<bits_t>(bucket) << kShift, cand_bits, cand_index);
       // The still-th largest member of the bin: the next 8 bits pick a sub-bin, then a selection.
       int32_t sub_histogram[256] = {0};
-      for (int64_t c = 0; c < n_candidates; ++c)
-        if ((cand_bits[c] >> kShift) == static_cast<bits_t>(bucket)) ++sub_histogram[(cand_bits[c] >> kSubShift) & 255];
+      for (int64_t q = 0; q < n_candidates; ++q)
+        if ((cand_bits[q] >> kShift) == static_cast<bits_t>(bucket)) ++sub_histogram[(cand_bits[q] >> kSubShift) & 255];
       int64_t sub = 255;
       for (; sub > 0 && sub_histogram[sub] < still; --sub) still -= sub_histogram[sub];
       const bits_t prefix = (static_cast<bits_t>(bucket) << 8) | static_cast<bits_t>(sub);
       finalists.clear();
-      for (int64_t c = 0; c < n_candidates; ++c)
-        if ((cand_bits[c] >> kSubShift) == prefix) finalists.push_back(cand_bits[c]);
+      for (int64_t q = 0; q < n_candidates; ++q)
+        if ((cand_bits[q] >> kSubShift) == prefix) finalists.push_back(cand_bits[q]);
       bits_t threshold = finalists[0];
       if (std::any_of(finalists.begin(), finalists.end(), [&](bits_t b) { return b != threshold; })) {
         std::nth_element(finalists.begin(), finalists.begin() + (still - 1), finalists.end(), std::greater<bits_t>());
         threshold = finalists[still - 1];
       }
       int64_t above = 0;
-      for (int64_t c = 0; c < n_candidates; ++c) above += cand_bits[c] > threshold;
+      for (int64_t q = 0; q < n_candidates; ++q) above += cand_bits[q] > threshold;
       int64_t ties = k - above, count = 0;
-      for (int64_t c = 0; c < n_candidates && count < k; ++c) {
-        const bits_t b = cand_bits[c];
-        if (b > threshold || (b == threshold && ties-- > 0)) dst[count++] = cand_index[c];
+      for (int64_t q = 0; q < n_candidates && count < k; ++q) {
+        const bits_t b = cand_bits[q];
+        if (b > threshold || (b == threshold && ties-- > 0)) dst[count++] = cand_index[q];
       }
     }
   });
+}
+
+// dst[0:width] = sum over q < terms of coef(q) * source(q)[0:width]: a gradient row from the
+// examples that kept it (dW), or an example's dx from the weight rows it kept. With AVX-512 on
+// float32, a block of 128 columns stays in eight registers while every term is added, so each
+// multiply-add costs one load (instead of two loads and a store through dst).
+template <typename scalar_t, typename Coef, typename Source>
+void weighted_row_sum(scalar_t* __restrict__ dst, int64_t width, int64_t terms, Coef coef, Source source) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int64_t c = 0; c < width; c += 128) {  // eight independent chains hide the multiply-add latency
+      __mmask16 lanes[8];
+      for (int u = 0; u < 8; ++u) {
+        const int64_t left = width - c - 16 * u;
+        lanes[u] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+      }
+      __m512 acc[8];
+      for (int u = 0; u < 8; ++u) acc[u] = _mm512_setzero_ps();
+      for (int64_t q = 0; q < terms; ++q) {
+        const __m512 w = _mm512_set1_ps(coef(q));
+        const float* src = source(q) + c;
+        for (int u = 0; u < 8; ++u) acc[u] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes[u], src + 16 * u), acc[u]);
+      }
+      for (int u = 0; u < 8; ++u) _mm512_mask_storeu_ps(dst + c + 16 * u, lanes[u], acc[u]);
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < width; ++c) dst[c] = 0;
+  for (int64_t q = 0; q < terms; ++q) {
+    const scalar_t w = coef(q);
+    const scalar_t* __restrict__ src = source(q);
+    for (int64_t c = 0; c < width; ++c) dst[c] += w * src[c];
+  }
 }
 
 }  // namespace
@@ -195,17 +253,10 @@ std::vector<torch::Tensor> per_example_backward(torch::Tensor dy, c10::optional<
       at::parallel_for(0, n_rows, grain(n_rows, in * pairs / std::max<int64_t>(n_rows, 1)),
                        [&](int64_t s0, int64_t s1) {
         for (int64_t s = s0; s < s1; ++s) {
-          scalar_t* __restrict__ dst = wv + s * in;
-          const int64_t first = member[offsets[s]];
-          const scalar_t c0 = coef(first);
-          const scalar_t* __restrict__ src0 = xp + (first / k) * in;
-          for (int64_t c = 0; c < in; ++c) dst[c] = c0 * src0[c];
-          for (int64_t q = offsets[s] + 1; q < offsets[s + 1]; ++q) {
-            const int64_t i = member[q];
-            const scalar_t cq = coef(i);
-            const scalar_t* __restrict__ src = xp + (i / k) * in;
-            for (int64_t c = 0; c < in; ++c) dst[c] += cq * src[c];
-          }
+          const int64_t* members = member.data() + offsets[s];
+          weighted_row_sum<scalar_t>(wv + s * in, in, offsets[s + 1] - offsets[s],
+                                     [&](int64_t q) { return coef(members[q]); },
+                                     [&](int64_t q) { return xp + (members[q] / k) * in; });
         }
       });
     }
@@ -216,17 +267,10 @@ std::vector<torch::Tensor> per_example_backward(torch::Tensor dy, c10::optional<
       scalar_t* dxp = dx.data_ptr<scalar_t>();
       at::parallel_for(0, n, grain(n, k * in), [&](int64_t e0, int64_t e1) {
         for (int64_t ex = e0; ex < e1; ++ex) {
-          scalar_t* __restrict__ dst = dxp + ex * in;
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t r = sel[ex * k + j];
-            const scalar_t cj = g[ex * out + r];
-            const scalar_t* __restrict__ src = w + r * in;
-            if (j == 0) {
-              for (int64_t c = 0; c < in; ++c) dst[c] = cj * src[c];
-            } else {
-              for (int64_t c = 0; c < in; ++c) dst[c] += cj * src[c];
-            }
-          }
+          const int64_t* kept = sel + ex * k;
+          const scalar_t* dy_row = g + ex * out;
+          weighted_row_sum<scalar_t>(dxp + ex * in, in, k, [&](int64_t j) { return dy_row[kept[j]]; },
+                                     [&](int64_t j) { return w + kept[j] * in; });
         }
       });
     }
