@@ -157,12 +157,13 @@ void topk_rows(const scalar_t* dy, int64_t n, int64_t out, int64_t k, int64_t* i
   });
 }
 
-// dst[0:width] = sum over q < terms of coef(q) * source(q)[0:width]: a gradient row from the
+// dst[0:width] = sum over q < terms of coef[q] * source[q][0:width]: a gradient row from the
 // examples that kept it (dW), or an example's dx from the weight rows it kept. With AVX-512 on
 // float32, a block of 128 columns stays in eight registers while every term is added, so each
 // multiply-add costs one load (instead of two loads and a store through dst).
-template <typename scalar_t, typename Coef, typename Source>
-void weighted_row_sum(scalar_t* __restrict__ dst, int64_t width, int64_t terms, Coef coef, Source source) {
+template <typename scalar_t>
+void weighted_row_sum(scalar_t* __restrict__ dst, int64_t width, int64_t terms, const scalar_t* coef,
+                      const scalar_t* const* source) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<scalar_t, float>) {
     for (int64_t c = 0; c < width; c += 128) {  // eight independent chains hide the multiply-add latency
@@ -174,8 +175,8 @@ void weighted_row_sum(scalar_t* __restrict__ dst, int64_t width, int64_t terms, 
       __m512 acc[8];
       for (int u = 0; u < 8; ++u) acc[u] = _mm512_setzero_ps();
       for (int64_t q = 0; q < terms; ++q) {
-        const __m512 w = _mm512_set1_ps(coef(q));
-        const float* src = source(q) + c;
+        const __m512 w = _mm512_set1_ps(coef[q]);
+        const float* src = source[q] + c;
         for (int u = 0; u < 8; ++u) acc[u] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes[u], src + 16 * u), acc[u]);
       }
       for (int u = 0; u < 8; ++u) _mm512_mask_storeu_ps(dst + c + 16 * u, lanes[u], acc[u]);
@@ -185,8 +186,8 @@ void weighted_row_sum(scalar_t* __restrict__ dst, int64_t width, int64_t terms, 
 #endif
   for (int64_t c = 0; c < width; ++c) dst[c] = 0;
   for (int64_t q = 0; q < terms; ++q) {
-    const scalar_t w = coef(q);
-    const scalar_t* __restrict__ src = source(q);
+    const scalar_t w = coef[q];
+    const scalar_t* __restrict__ src = source[q];
     for (int64_t c = 0; c < width; ++c) dst[c] += w * src[c];
   }
 }
@@ -252,11 +253,16 @@ std::vector<torch::Tensor> per_example_backward(torch::Tensor dy, c10::optional<
       scalar_t* wv = w_values.data_ptr<scalar_t>();
       at::parallel_for(0, n_rows, grain(n_rows, in * pairs / std::max<int64_t>(n_rows, 1)),
                        [&](int64_t s0, int64_t s1) {
+        std::vector<scalar_t> coefs;
+        std::vector<const scalar_t*> sources;
         for (int64_t s = s0; s < s1; ++s) {
-          const int64_t* members = member.data() + offsets[s];
-          weighted_row_sum<scalar_t>(wv + s * in, in, offsets[s + 1] - offsets[s],
-                                     [&](int64_t q) { return coef(members[q]); },
-                                     [&](int64_t q) { return xp + (members[q] / k) * in; });
+          coefs.clear();
+          sources.clear();
+          for (int64_t q = offsets[s]; q < offsets[s + 1]; ++q) {
+            coefs.push_back(coef(member[q]));
+            sources.push_back(xp + (member[q] / k) * in);
+          }
+          weighted_row_sum<scalar_t>(wv + s * in, in, static_cast<int64_t>(coefs.size()), coefs.data(), sources.data());
         }
       });
     }
@@ -266,11 +272,15 @@ std::vector<torch::Tensor> per_example_backward(torch::Tensor dy, c10::optional<
       dx = torch::empty({n, in}, dy.options());
       scalar_t* dxp = dx.data_ptr<scalar_t>();
       at::parallel_for(0, n, grain(n, k * in), [&](int64_t e0, int64_t e1) {
+        std::vector<scalar_t> coefs(k);
+        std::vector<const scalar_t*> sources(k);
         for (int64_t ex = e0; ex < e1; ++ex) {
-          const int64_t* kept = sel + ex * k;
-          const scalar_t* dy_row = g + ex * out;
-          weighted_row_sum<scalar_t>(dxp + ex * in, in, k, [&](int64_t j) { return dy_row[kept[j]]; },
-                                     [&](int64_t j) { return w + kept[j] * in; });
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t r = sel[ex * k + j];
+            coefs[j] = g[ex * out + r];
+            sources[j] = w + r * in;
+          }
+          weighted_row_sum<scalar_t>(dxp + ex * in, in, k, coefs.data(), sources.data());
         }
       });
     }
@@ -317,8 +327,9 @@ void adam_rows(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg
 // Newton step (about 2^-27, the float rounding), so that their cost per element stays near a
 // dense fused Adam step's. Elsewhere: the plain expressions.
 
-// moved[c] = m[c] / sqrt(v[c]) * (s0 - u (s1 - u s2)) with u = 1 / sqrt(v[c]): the idle steps' series;
-// returns how many elements have sqrt(v) <= limit (where the series does not hold).
+// moved[c] = m[c] / sqrt(v[c]) * (s0 - u (s1 - u s2)) with u = 1 / sqrt(v[c]): the idle steps' series,
+// and 0 where m = 0 (inputs that are always zero, such as MNIST's border pixels, keep m = v = 0).
+// Returns how many elements with m != 0 have sqrt(v) <= limit (where the series does not hold).
 template <typename scalar_t>
 int64_t idle_series(const scalar_t* __restrict__ mm, const scalar_t* __restrict__ vv, scalar_t* __restrict__ moved,
                     int64_t width, scalar_t s0, scalar_t s1, scalar_t s2, scalar_t limit) {
@@ -334,8 +345,9 @@ int64_t idle_series(const scalar_t* __restrict__ mm, const scalar_t* __restrict_
       const __m512 y0 = _mm512_rsqrt14_ps(v);  // 1 / sqrt(v), refined: y0 (1.5 - 0.5 v y0^2)
       const __m512 inv = _mm512_mul_ps(y0, _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_mul_ps(half, v), y0), y0, three_halves));
       const __m512 series = _mm512_fnmadd_ps(inv, _mm512_fnmadd_ps(inv, vs2, vs1), vs0);
-      _mm512_mask_storeu_ps(moved + c, lanes, _mm512_mul_ps(_mm512_mul_ps(m, inv), series));
-      near_eps += __builtin_popcount(_mm512_mask_cmp_ps_mask(lanes, v, limit_sq, _CMP_LE_OQ));
+      const __mmask16 moving = _mm512_mask_cmp_ps_mask(lanes, m, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+      _mm512_mask_storeu_ps(moved + c, lanes, _mm512_maskz_mov_ps(moving, _mm512_mul_ps(_mm512_mul_ps(m, inv), series)));
+      near_eps += __builtin_popcount(_mm512_mask_cmp_ps_mask(moving, v, limit_sq, _CMP_LE_OQ));
     }
     return near_eps;
   }
@@ -343,8 +355,8 @@ int64_t idle_series(const scalar_t* __restrict__ mm, const scalar_t* __restrict_
   for (; c < width; ++c) {
     const scalar_t root = std::sqrt(vv[c]);
     const scalar_t inv = scalar_t(1) / root;
-    moved[c] = mm[c] * inv * (s0 - inv * (s1 - inv * s2));
-    near_eps += root <= limit;
+    moved[c] = mm[c] == 0 ? scalar_t(0) : mm[c] * inv * (s0 - inv * (s1 - inv * s2));
+    near_eps += root <= limit && mm[c] != 0;
   }
   return near_eps;
 }
@@ -482,7 +494,7 @@ void adam_rows_exact(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor e
             }
             for (int64_t c = 0; c < width; ++c) {
               const scalar_t root = std::sqrt(vv[c]);
-              if (root > limit) continue;
+              if (root > limit || mm[c] == 0) continue;
               scalar_t sum = 0;
               for (int64_t q = 0; q < n; ++q) sum += scale[q] * mm[c] / (shrink[q] * root + e);
               moved[c] = sum;
