@@ -400,6 +400,58 @@ void adam_row_step(scalar_t* __restrict__ pp, scalar_t* __restrict__ mm, scalar_
   }
 }
 
+#if defined(__AVX512F__)
+// A row with idle steps pending and a gradient now, in one pass (float32, AVX-512): per block of
+// 16, the idle steps' series (as idle_series), the exact step-by-step sum `near_sum(m, sqrt(v))`
+// for the few elements with m != 0 whose sqrt(v) is within `limit` of eps, then the step (as
+// adam_row_step). One read of m and v instead of two, and no `moved` buffer in between.
+// Returns false (and does nothing) for other types.
+template <typename scalar_t, typename NearSum>
+bool adam_row_catch_up_step(scalar_t* __restrict__ pp, scalar_t* __restrict__ mm, scalar_t* __restrict__ vv,
+                            const scalar_t* __restrict__ gg, int64_t width, scalar_t s0, scalar_t s1, scalar_t s2,
+                            scalar_t limit, NearSum near_sum, scalar_t decay1, scalar_t decay2, scalar_t beta1,
+                            scalar_t beta2, scalar_t step_size, scalar_t inv_b2, scalar_t eps) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    return false;
+  } else {
+  const __m512 vs0 = _mm512_set1_ps(s0), vs1 = _mm512_set1_ps(s1), vs2 = _mm512_set1_ps(s2),
+               limit_sq = _mm512_set1_ps(limit * limit), half = _mm512_set1_ps(0.5f),
+               three_halves = _mm512_set1_ps(1.5f), zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  const __m512 vb1 = _mm512_set1_ps(beta1 * decay1), vb2 = _mm512_set1_ps(beta2 * decay2),
+               va1 = _mm512_set1_ps(1 - beta1), va2 = _mm512_set1_ps(1 - beta2), vstep = _mm512_set1_ps(step_size),
+               vinv_b2 = _mm512_set1_ps(inv_b2), veps = _mm512_set1_ps(eps);
+  for (int64_t c = 0; c < width; c += 16) {
+    const __mmask16 lanes = width - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (width - c)) - 1);
+    const __m512 m0 = _mm512_maskz_loadu_ps(lanes, mm + c), v0 = _mm512_maskz_loadu_ps(lanes, vv + c);
+    const __m512 y0 = _mm512_rsqrt14_ps(v0);
+    const __m512 inv = _mm512_mul_ps(y0, _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_mul_ps(half, v0), y0), y0, three_halves));
+    const __m512 series = _mm512_fnmadd_ps(inv, _mm512_fnmadd_ps(inv, vs2, vs1), vs0);
+    const __mmask16 moving = _mm512_mask_cmp_ps_mask(lanes, m0, zero, _CMP_NEQ_OQ);
+    __m512 moved = _mm512_maskz_mov_ps(moving, _mm512_mul_ps(_mm512_mul_ps(m0, inv), series));
+    const __mmask16 near = _mm512_mask_cmp_ps_mask(moving, v0, limit_sq, _CMP_LE_OQ);
+    if (near != 0) {
+      alignas(64) float exact[16];
+      _mm512_store_ps(exact, moved);
+      for (int lane = 0; lane < 16; ++lane)
+        if (near & (1u << lane)) exact[lane] = near_sum(mm[c + lane], std::sqrt(vv[c + lane]));
+      moved = _mm512_load_ps(exact);
+    }
+    const __m512 g = _mm512_maskz_loadu_ps(lanes, gg + c);
+    const __m512 p = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, pp + c), moved);
+    const __m512 m = _mm512_fmadd_ps(vb1, m0, _mm512_mul_ps(va1, g));
+    const __m512 v = _mm512_fmadd_ps(vb2, v0, _mm512_mul_ps(_mm512_mul_ps(va2, g), g));
+    const __m512 denominator = _mm512_fmadd_ps(_mm512_sqrt_ps(v), vinv_b2, veps);
+    const __m512 r0 = _mm512_rcp14_ps(denominator);
+    const __m512 reciprocal = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(denominator, r0, one), r0);
+    _mm512_mask_storeu_ps(mm + c, lanes, m);
+    _mm512_mask_storeu_ps(vv + c, lanes, v);
+    _mm512_mask_storeu_ps(pp + c, lanes, _mm512_fnmadd_ps(_mm512_mul_ps(vstep, m), reciprocal, p));
+  }
+  return true;
+  }
+}
+#endif
+
 // Exact row-sparse Adam: the result of dense torch.optim.Adam while touching only some rows.
 // A row last updated at step last_step[r] has since had zero gradient: in dense Adam its moments
 // decayed (m *= beta1, v *= beta2 per step) and it kept moving on its first moment. Those idle
@@ -478,30 +530,46 @@ void adam_rows_exact(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor e
           // The series for every element, without branches so that the loop vectorises; the
           // elements with sqrt(v) near eps are counted and redone below.
           const scalar_t limit = threshold;
-          const int64_t near_eps = idle_series<scalar_t>(mm, vv, moved.data(), width, s0, s1, s2, limit);
-          if (near_eps > 0) {  // the idle steps summed as they are, from tables of a_q and b_q
-            scale.resize(n);
-            shrink.resize(n);
-            double pow1 = beta1, pow2_half = std::sqrt(beta2), bias1 = first1, bias2 = first2;
-            const double step2_half = pow2_half;
-            for (int64_t q = 0; q < n; ++q) {
-              scale[q] = lr * pow1 / (1.0 - bias1);
-              shrink[q] = pow2_half / std::sqrt(1.0 - bias2);
-              pow1 *= beta1;
-              pow2_half *= step2_half;
-              bias1 *= beta1;
-              bias2 *= beta2;
+          // The idle steps of one element summed as they are, from tables of a_q and b_q (built
+          // on first use: most rows have no element near eps).
+          bool tables = false;
+          const auto near_sum = [&](scalar_t m_c, scalar_t root) {
+            if (!tables) {
+              scale.resize(n);
+              shrink.resize(n);
+              double pow1 = beta1, pow2_half = std::sqrt(beta2), bias1 = first1, bias2 = first2;
+              const double step2_half = pow2_half;
+              for (int64_t q = 0; q < n; ++q) {
+                scale[q] = lr * pow1 / (1.0 - bias1);
+                shrink[q] = pow2_half / std::sqrt(1.0 - bias2);
+                pow1 *= beta1;
+                pow2_half *= step2_half;
+                bias1 *= beta1;
+                bias2 *= beta2;
+              }
+              tables = true;
             }
+            scalar_t sum = 0;
+            for (int64_t q = 0; q < n; ++q) sum += scale[q] * m_c / (shrink[q] * root + e);
+            return sum;
+          };
+          decay1 = std::pow(beta1, static_cast<double>(idle));
+          decay2 = std::pow(beta2, static_cast<double>(idle));
+#if defined(__AVX512F__)
+          if (g != nullptr && adam_row_catch_up_step<scalar_t>(pp, mm, vv, g + i * width, width, s0, s1, s2, limit,
+                                                               near_sum, decay1, decay2, b1, b2, step_size, inv_b2, e)) {
+            last[row] = step;  // caught up and stepped in one pass
+            continue;
+          }
+#endif
+          const int64_t near_eps = idle_series<scalar_t>(mm, vv, moved.data(), width, s0, s1, s2, limit);
+          if (near_eps > 0) {
             for (int64_t c = 0; c < width; ++c) {
               const scalar_t root = std::sqrt(vv[c]);
               if (root > limit || mm[c] == 0) continue;
-              scalar_t sum = 0;
-              for (int64_t q = 0; q < n; ++q) sum += scale[q] * mm[c] / (shrink[q] * root + e);
-              moved[c] = sum;
+              moved[c] = near_sum(mm[c], root);
             }
           }
-          decay1 = std::pow(beta1, static_cast<double>(idle));
-          decay2 = std::pow(beta2, static_cast<double>(idle));
           pending = true;
         }
         // One pass over the row: the idle steps (if any), then this step's gradient (if any).
