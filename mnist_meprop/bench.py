@@ -8,7 +8,7 @@ with its spread (the interquartile range over the median), and rows whose spread
 are marked. Baselines: ``dense`` is ``nn.Linear`` layers with torch's own optimizer (fused Adam
 where torch has it), i.e. stock PyTorch; ``ours_k0`` is our engine with meProp off. Our models
 run through the fused step (``engine: fused``, one C++ call per step) where it supports the
-setting (Adam on the CPU), else through autograd with row-sparse gradients and the row-sparse
+setting (Adam or AdaGrad on the CPU), else through autograd with row-sparse gradients and the row-sparse
 update (``sparse_update: exact``). "Linear backward"
 is timed the same way for all: one backward through the linear layers alone, replayed on the
 inputs and output gradients they had in a real backward pass.
@@ -366,7 +366,7 @@ def run_bench(quick: bool = False, repeats: int | None = None, warmup: int = 50,
               engine: str = "fused") -> list[BenchRecord]:
     """Time stock dense, our engine at k=0 and meProp in each mode and k, interleaved in ``rounds``
     rounds of ``repeats`` steps; see the module doc. ``engine`` runs our models (``ours_k0`` and
-    meProp) through the fused step where it supports the setting (Adam on the CPU), else autograd."""
+    meProp) through the fused step where it supports the setting (Adam or AdaGrad on the CPU), else autograd."""
     steps = repeats or 20
     target = resolve_device(device)
     stamps = _Stamps(target)
@@ -385,7 +385,7 @@ def run_bench(quick: bool = False, repeats: int | None = None, warmup: int = 50,
                              batches, stamps)]
         for mode, k in [("ours_k0", 0)] + [(mode, k) for mode in modes for k in ks if k < d_hidden]:
             config = Config(optimizer=optimizer, d_hidden=d_hidden, k=k, unified=(mode == "unified"),
-                            device=target.type).replace()
+                            device=target.type, engine="autograd").replace()
             if engine == "fused" and fused_engine_limits(config) is None and cpu_kernels() is not None:
                 config = config.replace(engine="fused")
             torch.manual_seed(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ INITS = ("torch", "authors-csharp", "authors-pytorch")
 LOSS_REDUCTIONS = ("mean", "sum")
 ADAGRAD_EPS = ("outside", "inside")
 SPARSE_UPDATES = ("exact", "lazy", "dense")  # see mnist_meprop.optim
-ENGINES = ("autograd", "fused")  # see mnist_meprop.engine
+ENGINES = ("auto", "autograd", "fused")  # see mnist_meprop.engine; auto: fused where it applies
 # sparse_update was a bool before it had three values: true was the lazy update, false the dense one.
 _LEGACY_SPARSE_UPDATE = {True: "lazy", False: "dense"}
 # The authors' implementation details (see the README's "Configs"): each preset sets these keys;
@@ -86,8 +87,9 @@ class Config:
     bias_grad: str = "masked"
     adagrad_eps: str = "outside"
     evals_per_epoch: int = 1
-    # How a training step runs: through autograd and the optimizer, or one fused C++ call.
-    engine: str = "autograd"
+    # How a training step runs: through autograd and the optimizer, or one fused C++ call;
+    # `auto` (resolved when the config is validated) picks fused wherever it supports the settings.
+    engine: str = "auto"
     # Flush denormal floats to zero while training (torch.set_flush_denormal): Adam's moments of
     # units that stop getting gradients decay into denormals, which the CPU computes with slowly.
     flush_denormal: bool = False
@@ -225,16 +227,28 @@ def validate(raw: dict[str, Any]) -> Config:
         raise ConfigError("simplify.enabled: needs selection topk (activeness is counted from the top-k sets)")
     if config.engine == "fused" and (unsupported := fused_engine_limits(config)):
         raise ConfigError(f"engine: fused does not support {unsupported} (use engine: autograd)")
+    if config.engine == "auto":
+        config = dataclasses.replace(config, engine=resolve_auto_engine(config))
     if config.lr is None:
         config = dataclasses.replace(config, lr=DEFAULT_LR[config.optimizer])
     return config
 
 
+def resolve_auto_engine(config: Config) -> str:
+    """``engine: auto``: ``fused`` where the fused engine supports the settings and the compiled
+    kernels are not switched off (``MEPROP_KERNELS=torch``), else ``autograd``. The resolved value
+    is what the run records (and its key hashes)."""
+    kernels_off = os.environ.get("MEPROP_KERNELS", "auto").strip().lower() == "torch"
+    return "autograd" if kernels_off or fused_engine_limits(config) else "fused"
+
+
 def fused_engine_limits(config: Config) -> str | None:
     """What in ``config`` the fused engine cannot train (None when it can): it runs the paper's
-    MLP on the CPU with Adam and the exact row-sparse update, top-k selection and no dropout,
-    gradient clip, full bias gradient or meSimp."""
-    needs = {"optimizer": "adam", "sparse_update": "exact", "selection": "topk", "dropout": 0.0, "grad_clip": None,
+    MLP on the CPU with Adam or AdaGrad and the exact row-sparse update, top-k selection and no
+    dropout, gradient clip, full bias gradient or meSimp."""
+    if config.optimizer not in ("adam", "adagrad"):
+        return f"optimizer: {config.optimizer} (needs adam or adagrad)"
+    needs = {"sparse_update": "exact", "selection": "topk", "dropout": 0.0, "grad_clip": None,
              "bias_grad": "masked", "device": "cpu"}
     for key, value in needs.items():
         if getattr(config, key) != value:

@@ -114,9 +114,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     else:
                         _adam_rows(param, state, rows, values, group["lr"], beta1, beta2, group["eps"])
                 else:
-                    state = self.state[param]
-                    if not state:
-                        state["sum"] = torch.full_like(param, self.initial_sum, memory_format=torch.contiguous_format)
+                    state = self.adagrad_state(param)
                     if kernels is not None:
                         kernels.adagrad_rows(param, state["sum"], rows, values, group["lr"], group["eps"])
                     else:
@@ -132,6 +130,14 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
             if self.exact:
                 state["last_step"] = torch.zeros(param.shape[0], dtype=torch.long, device=param.device)
+        return state
+
+    def adagrad_state(self, param: torch.Tensor) -> dict[str, Any]:
+        """AdaGrad's state of ``param``: the sum of squared gradients (from eps when it is inside
+        the root), created on first use."""
+        state = self.state[param]
+        if not state:
+            state["sum"] = torch.full_like(param, self.initial_sum, memory_format=torch.contiguous_format)
         return state
 
     @torch.no_grad()
@@ -339,14 +345,15 @@ def build_optimizer(config: Config, model: nn.Module) -> OptimizerGroup:
     row-sparse update (``sparse_update: exact`` or ``lazy``) or densify + stock (``dense``).
     A row-sparse optimizer watches ``model`` (see :meth:`OptimizerGroup.watch`); call its
     ``close()`` before replacing it."""
-    if config.engine == "fused":  # the engine updates every parameter through exact row-sparse Adam
-        group = OptimizerGroup([RowSparseOptimizer(model.parameters(), "adam", config.lr)], densify=[])
+    eps_inside = config.adagrad_eps == "inside"
+    if config.engine == "fused":  # the engine updates every parameter row-sparse (exact Adam or AdaGrad)
+        group = OptimizerGroup([RowSparseOptimizer(model.parameters(), config.optimizer, config.lr,
+                                                   adagrad_eps_inside=eps_inside)], densify=[])
         group.watch(model)
         return group
     sparse = sparse_grad_params(model)
     sparse_ids = {id(param) for param in sparse}
     dense = [param for param in model.parameters() if id(param) not in sparse_ids]
-    eps_inside = config.adagrad_eps == "inside"
     if config.sparse_update == "dense" or not sparse:
         return OptimizerGroup([stock_optimizer(config.optimizer, dense + sparse, config.lr, eps_inside)],
                               densify=sparse, grad_clip=config.grad_clip)

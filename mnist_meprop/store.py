@@ -10,6 +10,7 @@ see, so each run is trained once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .config import Config
+from .config import Config, resolve_auto_engine
 from .log import to_stderr
 
 try:
@@ -37,8 +38,9 @@ LOCK_DIR = ".locks"
 
 # Keys are hashed against these values, not today's defaults, so that a default changing keeps
 # old run keys: sparse_update's values were stored as booleans (false, the dense update, was the
-# default) before it had three values and "exact" became the default.
-_KEY_BASELINE = {**Config().to_dict(), "sparse_update": False}
+# default) before it had three values and "exact" became the default; every run went through
+# autograd before engine: auto (fused where it applies) became the default.
+_KEY_BASELINE = {**Config().to_dict(), "sparse_update": False, "engine": "autograd"}
 _KEY_SPELLING = {"sparse_update": {"dense": False, "lazy": True}}
 
 
@@ -49,7 +51,11 @@ def run_key(config: Config) -> str:
     (they are in the config, resolved), so both are left out: the same settings under two
     names are one run. Settings at their original default value are left out too, so adding a
     new option (with a default that keeps the old behaviour) does not change existing keys.
+    An ``engine: auto`` not yet resolved (a ``Config`` built without validation) is resolved
+    first, as loading would.
     """
+    if config.engine == "auto":
+        config = dataclasses.replace(config, engine=resolve_auto_engine(config))
     settings = {key: _KEY_SPELLING[key].get(value, value) if key in _KEY_SPELLING else value
                 for key, value in config.to_dict().items() if key not in ("name", "preset")}
     settings = {key: value for key, value in settings.items() if value != _KEY_BASELINE[key]}

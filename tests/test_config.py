@@ -111,3 +111,27 @@ def test_simplify_overrides_and_run_keys():
     mesimp = load_config(Path(__file__).parents[1] / "configs" / "mesimp.yaml")
     assert (mesimp.d_hidden, mesimp.k, mesimp.d_minibatch, mesimp.n_epoch, mesimp.optimizer) == (500, 160, 100, 20, "adam")
     assert mesimp.simplify.enabled
+
+
+@pytest.mark.parametrize("raw,engine", [
+    ({}, "fused"),  # Adam, exact update, no dropout: the fused engine applies
+    ({"optimizer": "adagrad", "k": 10}, "fused"),
+    ({"dropout": 0.2}, "autograd"),
+    ({"sparse_update": "dense"}, "autograd"),  # the paper's table specs: their runs keep their keys
+    ({"optimizer": "sgd"}, "autograd"),
+    ({"engine": "autograd"}, "autograd"),
+])
+def test_engine_auto_resolves_when_the_config_is_validated(raw, engine, monkeypatch):
+    monkeypatch.delenv("MEPROP_KERNELS", raising=False)
+    assert validate(raw).engine == engine
+    monkeypatch.setenv("MEPROP_KERNELS", "torch")  # kernels off: never fused unless asked for
+    assert validate(raw).engine == "autograd"
+
+
+def test_engine_auto_keeps_the_keys_of_autograd_runs():
+    from mnist_meprop.store import run_key
+
+    resolved = validate({"sparse_update": "dense"})
+    assert resolved.engine == "autograd"
+    assert run_key(resolved) == run_key(validate({"sparse_update": "dense", "engine": "autograd"}))
+    assert run_key(validate({"engine": "fused"})) != run_key(validate({"engine": "autograd"}))

@@ -18,7 +18,19 @@ from mnist_meprop.train import train_run
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU kernels could not be built here")
 
 SETTINGS = {"dense": dict(k=0), "per_example": dict(k=5), "unified": dict(k=5, unified=True),
-            "sum": dict(k=5, loss_reduction="sum")}
+            "sum": dict(k=5, loss_reduction="sum"), "adagrad_dense": dict(k=0, optimizer="adagrad"),
+            "adagrad": dict(k=5, optimizer="adagrad"),
+            "adagrad_unified_eps_inside": dict(k=5, unified=True, optimizer="adagrad", adagrad_eps="inside")}
+
+
+def stock_reference_optimizer(config, params):
+    """torch's own optimizer with the config's settings: Adam, or AdaGrad with eps outside the root
+    (torch's formula) or inside it (the sum of squares starts at eps, as in the authors' C#)."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    if config.adagrad_eps == "inside":
+        return torch.optim.Adagrad(params, lr=config.lr, initial_accumulator_value=1e-6, eps=0.0)
+    return torch.optim.Adagrad(params, lr=config.lr, eps=1e-6)
 
 
 def batches(count, n=8, d_in=20, classes=4, seed=0):
@@ -36,23 +48,23 @@ def fused_and_model(overrides):
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_two_fused_steps_equal_dense_adam_on_the_masked_gradients(setting):
+def test_two_fused_steps_equal_the_stock_optimizer_on_the_masked_gradients(setting):
     """The independent reference: autograd's dense gradients of the masked dy (sparse_grad off)
-    and torch.optim.Adam. Two steps: the second forward reads weights every row of which is current."""
+    and torch's Adam or AdaGrad. Two steps: the second forward reads weights every row of which is current."""
     overrides = SETTINGS[setting]
     config, model, optimizer, fused = fused_and_model(overrides)
     reference = copy.deepcopy(model)
     for layer in reference:
         if hasattr(layer, "sparse_grad"):
             layer.sparse_grad = False
-    adam = torch.optim.Adam(reference.parameters(), lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    stock = stock_reference_optimizer(config, reference.parameters())
     for x, y in batches(2):
         loss, logits, seconds = fused.step(x, y)
         want_logits = reference(x)
         want = torch.nn.functional.cross_entropy(want_logits, y, reduction=config.loss_reduction)
         want.backward()
-        adam.step()
-        adam.zero_grad()
+        stock.step()
+        stock.zero_grad()
         torch.testing.assert_close(logits, want_logits.detach())
         torch.testing.assert_close(loss, want.detach())
         assert set(seconds) == {"forward", "backward", "linear_backward", "update"}
@@ -114,3 +126,7 @@ def test_the_fused_engine_trains_only_what_it_supports():
     assert result.output.strip() == ("meprop: error: engine: fused does not support dropout: 0.2 (needs 0.0) "
                                      "(use engine: autograd)")
 
+    result = CliRunner().invoke(main, ["train", "--set", "engine=fused", "--set", "optimizer=sgd"])
+    assert result.exit_code == 2
+    assert result.output.strip() == ("meprop: error: engine: fused does not support optimizer: sgd (needs adam or "
+                                     "adagrad) (use engine: autograd)")

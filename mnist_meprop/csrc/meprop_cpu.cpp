@@ -590,28 +590,57 @@ void adam_rows_exact(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor e
   });
 }
 
+// AdaGrad on the given rows: identical to the dense update, since other rows have zero gradient.
+void adagrad_rows(torch::Tensor param, torch::Tensor state_sum, torch::Tensor rows, torch::Tensor values,
+                  double lr, double eps) {
+  const int64_t n_rows = rows.numel();
+  const int64_t width = param.numel() / std::max<int64_t>(param.size(0), 1);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "meprop_adagrad_rows", [&] {
+    scalar_t* p = param.data_ptr<scalar_t>();
+    scalar_t* s = state_sum.data_ptr<scalar_t>();
+    const scalar_t* g = values.data_ptr<scalar_t>();
+    const scalar_t rate = lr, e = eps;
+    at::parallel_for(0, n_rows, grain(n_rows, width * 4), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t off = r[i] * width;
+        scalar_t* __restrict__ pp = p + off;
+        scalar_t* __restrict__ ss = s + off;
+        const scalar_t* __restrict__ gg = g + i * width;
+        for (int64_t c = 0; c < width; ++c) {
+          ss[c] += gg[c] * gg[c];
+          pp[c] -= rate * gg[c] / (std::sqrt(ss[c]) + e);
+        }
+      }
+    });
+  });
+}
+
 // One training step of the paper's MLP in a single call, so that a step pays no per-layer Python
 // or autograd overhead: the forward (linear + ReLU per hidden layer, then a linear output layer),
 // softmax cross-entropy, the backward with meProp on the hidden layers (top-k of each layer's
 // pre-activation gradient, per example or unified; k = 0 or k >= width is plain backprop) and
-// exact Adam (adam_rows_exact) on the rows of every parameter that got a gradient. dx of a layer
-// is computed before its weights are updated. Returns {loss, logits, seconds}: seconds holds the
-// forward, backward, linear-backward (inside backward) and update times.
-std::vector<torch::Tensor> mlp_adam_step(torch::Tensor x, torch::Tensor y, std::vector<torch::Tensor> weights,
-                                         std::vector<torch::Tensor> biases, std::vector<torch::Tensor> exp_avgs,
-                                         std::vector<torch::Tensor> exp_avg_sqs, std::vector<torch::Tensor> last_steps,
-                                         int64_t k, bool unified, bool sum_loss, double lr, double beta1, double beta2,
-                                         double eps, int64_t step, int64_t horizon) {
+// the update of the rows of every parameter that got a gradient: exact Adam (adam_rows_exact;
+// states_a / states_b are the moments, last_steps the rows' last updates) or, with `adagrad`,
+// AdaGrad (adagrad_rows, exact by nature; states_a are the sums of squares, the other two lists
+// are empty). dx of a layer is computed before its weights are updated. Returns
+// {loss, logits, seconds}: seconds holds the forward, backward, linear-backward (inside
+// backward) and update times.
+std::vector<torch::Tensor> mlp_train_step(torch::Tensor x, torch::Tensor y, std::vector<torch::Tensor> weights,
+                                          std::vector<torch::Tensor> biases, std::vector<torch::Tensor> states_a,
+                                          std::vector<torch::Tensor> states_b, std::vector<torch::Tensor> last_steps,
+                                          int64_t k, bool unified, bool sum_loss, bool adagrad, double lr, double beta1,
+                                          double beta2, double eps, int64_t step, int64_t horizon) {
   using Clock = std::chrono::steady_clock;
   const auto seconds = [](Clock::time_point a, Clock::time_point b) {
     return std::chrono::duration<double>(b - a).count();
   };
   const int64_t n_layers = static_cast<int64_t>(weights.size());
+  const size_t adam_states = adagrad ? 0 : 2 * n_layers;
   TORCH_CHECK(n_layers >= 1 && static_cast<int64_t>(biases.size()) == n_layers &&
-                  static_cast<int64_t>(exp_avgs.size()) == 2 * n_layers &&
-                  static_cast<int64_t>(exp_avg_sqs.size()) == 2 * n_layers &&
-                  static_cast<int64_t>(last_steps.size()) == 2 * n_layers,
-              "mlp_adam_step: one weight and bias per layer, and Adam state for each of them");
+                  static_cast<int64_t>(states_a.size()) == 2 * n_layers && states_b.size() == adam_states &&
+                  last_steps.size() == adam_states,
+              "mlp_train_step: one weight and bias per layer, and the optimizer's state for each of them");
   torch::NoGradGuard no_grad;
   const auto start = Clock::now();
   std::vector<torch::Tensor> inputs(n_layers);  // each layer's input (the previous layer's ReLU output)
@@ -678,10 +707,13 @@ std::vector<torch::Tensor> mlp_adam_step(torch::Tensor x, torch::Tensor y, std::
       if (needs_dx) dx = dz.mm(weight);
     }
     const auto grads_end = Clock::now();
-    if (meprop) {
-      adam_rows_exact(weight, exp_avgs[2 * l], exp_avg_sqs[2 * l], last_steps[2 * l], rows, w_values.contiguous(),
+    if (adagrad) {  // the rows with a gradient (all of them without meProp)
+      adagrad_rows(weight, states_a[2 * l], rows, w_values.contiguous(), lr, eps);
+      adagrad_rows(biases[l], states_a[2 * l + 1], rows, b_values.contiguous(), lr, eps);
+    } else if (meprop) {
+      adam_rows_exact(weight, states_a[2 * l], states_b[2 * l], last_steps[2 * l], rows, w_values.contiguous(),
                       lr, beta1, beta2, eps, step, horizon);
-      adam_rows_exact(biases[l], exp_avgs[2 * l + 1], exp_avg_sqs[2 * l + 1], last_steps[2 * l + 1], rows,
+      adam_rows_exact(biases[l], states_a[2 * l + 1], states_b[2 * l + 1], last_steps[2 * l + 1], rows,
                       b_values.contiguous(), lr, beta1, beta2, eps, step, horizon);
     } else {
       // Every row has a gradient: torch's own fused Adam (as the stock optimizer), after any idle
@@ -690,12 +722,12 @@ std::vector<torch::Tensor> mlp_adam_step(torch::Tensor x, torch::Tensor y, std::
         const torch::Tensor& param = part == 2 * l ? weight : biases[l];
         const torch::Tensor stale = last_steps[part].lt(step - 1).nonzero().flatten();
         if (stale.numel() > 0)
-          adam_rows_exact(param, exp_avgs[part], exp_avg_sqs[part], last_steps[part], stale, c10::nullopt, lr, beta1,
+          adam_rows_exact(param, states_a[part], states_b[part], last_steps[part], stale, c10::nullopt, lr, beta1,
                           beta2, eps, step - 1, horizon);
       }
       const torch::Tensor step_count = torch::full({}, static_cast<double>(step), torch::kFloat);
-      at::_fused_adam_({weight, biases[l]}, {w_values, b_values}, {exp_avgs[2 * l], exp_avgs[2 * l + 1]},
-                       {exp_avg_sqs[2 * l], exp_avg_sqs[2 * l + 1]}, {}, {step_count, step_count}, lr, beta1, beta2,
+      at::_fused_adam_({weight, biases[l]}, {w_values, b_values}, {states_a[2 * l], states_a[2 * l + 1]},
+                       {states_b[2 * l], states_b[2 * l + 1]}, {}, {step_count, step_count}, lr, beta1, beta2,
                        0.0, eps, false, false, c10::nullopt, c10::nullopt);
       last_steps[2 * l].fill_(step);
       last_steps[2 * l + 1].fill_(step);
@@ -717,32 +749,6 @@ std::vector<torch::Tensor> mlp_adam_step(torch::Tensor x, torch::Tensor y, std::
   auto times = torch::tensor({seconds(start, forward_end), total_backward, linear_s, update_s},
                              torch::TensorOptions().dtype(torch::kDouble));
   return {loss, logits, times};
-}
-
-// AdaGrad on the given rows: identical to the dense update, since other rows have zero gradient.
-void adagrad_rows(torch::Tensor param, torch::Tensor state_sum, torch::Tensor rows, torch::Tensor values,
-                  double lr, double eps) {
-  const int64_t n_rows = rows.numel();
-  const int64_t width = param.numel() / std::max<int64_t>(param.size(0), 1);
-  const int64_t* r = rows.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "meprop_adagrad_rows", [&] {
-    scalar_t* p = param.data_ptr<scalar_t>();
-    scalar_t* s = state_sum.data_ptr<scalar_t>();
-    const scalar_t* g = values.data_ptr<scalar_t>();
-    const scalar_t rate = lr, e = eps;
-    at::parallel_for(0, n_rows, grain(n_rows, width * 4), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t off = r[i] * width;
-        scalar_t* __restrict__ pp = p + off;
-        scalar_t* __restrict__ ss = s + off;
-        const scalar_t* __restrict__ gg = g + i * width;
-        for (int64_t c = 0; c < width; ++c) {
-          ss[c] += gg[c] * gg[c];
-          pp[c] -= rate * gg[c] / (std::sqrt(ss[c]) + e);
-        }
-      }
-    });
-  });
 }
 
 // Flush-to-zero and denormals-are-zero on this thread and on every thread of ATen's pool.
@@ -768,7 +774,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("per_example_backward", &per_example_backward, "meProp per-example backward (CPU)");
   m.def("adam_rows", &adam_rows, "lazy Adam update of some rows (CPU)");
   m.def("adam_rows_exact", &adam_rows_exact, "exact (dense-equivalent) Adam update of some rows (CPU)");
-  m.def("mlp_adam_step", &mlp_adam_step, "one fused MLP training step with meProp and exact Adam (CPU)");
+  m.def("mlp_train_step", &mlp_train_step, "one fused MLP training step with meProp and exact Adam or AdaGrad (CPU)");
   m.def("set_flush_denormal_all_threads", &set_flush_denormal_all_threads,
         "flush denormals to zero on every ATen thread (x86)");
   m.def("adagrad_rows", &adagrad_rows, "AdaGrad update of some rows (CPU)");
