@@ -710,27 +710,14 @@ std::vector<torch::Tensor> mlp_train_step(torch::Tensor x, torch::Tensor y, std:
     if (adagrad) {  // the rows with a gradient (all of them without meProp)
       adagrad_rows(weight, states_a[2 * l], rows, w_values.contiguous(), lr, eps);
       adagrad_rows(biases[l], states_a[2 * l + 1], rows, b_values.contiguous(), lr, eps);
-    } else if (meprop) {
-      adam_rows_exact(weight, states_a[2 * l], states_b[2 * l], last_steps[2 * l], rows, w_values.contiguous(),
-                      lr, beta1, beta2, eps, step, horizon);
+    } else {
+      // Exact Adam on the rows with a gradient (all of them without meProp; rows left idle by an
+      // earlier meProp phase catch up first). For a dense layer this is also faster here than
+      // torch's own at::_fused_adam_ (500 x 784, 2 threads, interleaved: 186 against 293 us).
+      adam_rows_exact(weight, states_a[2 * l], states_b[2 * l], last_steps[2 * l], rows, w_values.contiguous(), lr,
+                      beta1, beta2, eps, step, horizon);
       adam_rows_exact(biases[l], states_a[2 * l + 1], states_b[2 * l + 1], last_steps[2 * l + 1], rows,
                       b_values.contiguous(), lr, beta1, beta2, eps, step, horizon);
-    } else {
-      // Every row has a gradient: torch's own fused Adam (as the stock optimizer), after any idle
-      // steps still pending from an earlier meProp phase.
-      for (int64_t part = 2 * l; part <= 2 * l + 1; ++part) {
-        const torch::Tensor& param = part == 2 * l ? weight : biases[l];
-        const torch::Tensor stale = last_steps[part].lt(step - 1).nonzero().flatten();
-        if (stale.numel() > 0)
-          adam_rows_exact(param, states_a[part], states_b[part], last_steps[part], stale, c10::nullopt, lr, beta1,
-                          beta2, eps, step - 1, horizon);
-      }
-      const torch::Tensor step_count = torch::full({}, static_cast<double>(step), torch::kFloat);
-      at::_fused_adam_({weight, biases[l]}, {w_values, b_values}, {states_a[2 * l], states_a[2 * l + 1]},
-                       {states_b[2 * l], states_b[2 * l + 1]}, {}, {step_count, step_count}, lr, beta1, beta2,
-                       0.0, eps, false, false, c10::nullopt, c10::nullopt);
-      last_steps[2 * l].fill_(step);
-      last_steps[2 * l + 1].fill_(step);
     }
     const auto update_end = Clock::now();
     linear_s += seconds(layer_start, grads_end);
