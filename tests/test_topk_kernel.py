@@ -87,3 +87,24 @@ def test_kernel_gradients_equal_the_dense_backward_of_the_masked_dy(dtype, width
     torch.testing.assert_close(dx, masked @ weight, **tolerance)
     torch.testing.assert_close(weight_values, (masked.t() @ x)[rows], **tolerance)
     torch.testing.assert_close(bias_values, masked.sum(0)[rows], **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,width_in,out,k", [(50, 784, 500, 30), (7, 37, 20, 5), (3, 100, 40, 39)])
+def test_kernel_unified_backward_equals_the_dense_backward_of_the_masked_dy(dtype, n, width_in, out, k):
+    """Unified top-k: the k columns with the largest sum of |dy| (first ones among equal sums),
+    here with some dead units (all-zero columns) as behind a ReLU."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(n, width_in, generator=generator, dtype=dtype)
+    weight = torch.randn(out, width_in, generator=generator, dtype=dtype)
+    dy = torch.randn(n, out, generator=generator, dtype=dtype)
+    dy[:, ::3] = 0
+    kept = reference_topk(dy.abs().sum(0), k)
+    masked = torch.zeros_like(dy)
+    masked[:, kept] = dy[:, kept]
+    dx, rows, weight_values, bias_values = kernels.unified_backward(dy, x, weight, k, True, True)
+    assert rows.tolist() == kept
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(dx, masked @ weight, **tolerance)
+    torch.testing.assert_close(weight_values, (masked.t() @ x)[rows], **tolerance)
+    torch.testing.assert_close(bias_values, masked.sum(0)[rows], **tolerance)
