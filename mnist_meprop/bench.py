@@ -8,10 +8,10 @@ with its spread (the interquartile range over the median), and rows whose spread
 are marked. Baselines: ``dense`` is ``nn.Linear`` layers with torch's own optimizer (fused Adam
 where torch has it), i.e. stock PyTorch; ``ours_k0`` is our engine with meProp off. Our models
 run through the fused step (``engine: fused``, one C++ call per step) where it supports the
-setting (Adam or AdaGrad on the CPU), else through autograd with row-sparse gradients and the row-sparse
-update (``sparse_update: exact``). "Linear backward"
-is timed the same way for all: one backward through the linear layers alone, replayed on the
-inputs and output gradients they had in a real backward pass.
+setting (Adam or AdaGrad on the CPU), else through autograd with row-sparse gradients and the
+row-sparse update (``sparse_update: exact``). "Linear backward" is timed the same way for all:
+one backward through the linear layers alone, replayed on the inputs and output gradients they
+had in a real backward pass.
 
 The bound: each row states the time lower bound of the linear backward, dense and meProp, from
 its FLOPs at the GEMM rate and from its bytes moved at the memory bandwidth, both measured here

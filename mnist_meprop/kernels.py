@@ -50,7 +50,8 @@ def _build(required: bool) -> ModuleType | None:
 
         print("mnist_meprop: loading the CPU kernels (compiled on first use, about 30 s)", file=sys.stderr, flush=True)
         return cpp_extension.load(name="mnist_meprop_cpu_v21", sources=[source],
-                                  extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp"],
+                                  extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512",
+                                                "-fno-math-errno", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, unsupported platform...
         if required:
