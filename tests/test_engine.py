@@ -130,3 +130,16 @@ def test_the_fused_engine_trains_only_what_it_supports():
     assert result.exit_code == 2
     assert result.output.strip() == ("meprop: error: engine: fused does not support optimizer: sgd (needs adam or "
                                      "adagrad) (use engine: autograd)")
+
+
+def test_a_fused_adagrad_run_equals_the_autograd_run():
+    """AdaGrad has no idle steps and both paths use the same row kernel: a whole run through the
+    harness (per-example meProp, evaluation, best-model choice) agrees to float rounding."""
+    raw = dict(dataset="sample", dev_size=200, train_limit=600, test_limit=200, n_epoch=2, d_hidden=48,
+               d_minibatch=10, k=8, optimizer="adagrad", lr=0.01)
+    data = load_data(validate(raw))
+    fused = train_run(validate({**raw, "engine": "fused"}), data, lambda line: None)
+    autograd = train_run(validate({**raw, "engine": "autograd"}), data, lambda line: None)
+    for fused_epoch, autograd_epoch in zip(fused.epochs, autograd.epochs, strict=True):
+        assert fused_epoch["train_loss"] == pytest.approx(autograd_epoch["train_loss"], rel=1e-5)
+    assert fused.test_acc == autograd.test_acc
