@@ -48,25 +48,39 @@ class FusedMLPStep:
         self.k = config.k
         self.unified = config.unified
         self.sum_loss = config.loss_reduction == "sum"
+        self._arguments_for: object | None = None
+        self._arguments_cache: tuple[list[dict], list[list[torch.Tensor]]] = ([], [])
+
+    def _arguments(self) -> tuple[list[dict], list[list[torch.Tensor]]]:
+        """The optimizer's state dicts of the parameters and the tensor lists the C++ step takes.
+
+        Built once per state mapping: ``load_state_dict`` replaces the mapping (and the lists
+        are rebuilt), while evaluation restores the state in place (``OptimizerGroup.up_to_date``).
+        Rebuilding them every step cost about 10 µs of a 380 µs step at d=500, minibatch 10."""
+        if self._arguments_for is not self.optimizer.state:
+            params = [param for layer in self.layers for param in (layer.weight, layer.bias)]
+            if self.adagrad:
+                states = [self.optimizer.adagrad_state(param) for param in params]
+                tensors = [[state["sum"] for state in states], [], []]
+            else:
+                states = [self.optimizer.adam_state(param) for param in params]
+                tensors = [[state[key] for state in states] for key in ("exp_avg", "exp_avg_sq", "last_step")]
+            self._arguments_cache = (states, [[layer.weight.data for layer in self.layers],
+                                              [layer.bias.data for layer in self.layers], *tensors])
+            self._arguments_for = self.optimizer.state
+        return self._arguments_cache
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """One training step on the minibatch ``x, y``: (loss, logits, seconds per phase)."""
-        params = [param for layer in self.layers for param in (layer.weight, layer.bias)]
+        states, tensors = self._arguments()
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
-        if self.adagrad:
-            states = [self.optimizer.adagrad_state(param)["sum"] for param in params]
-            moments, last_steps, step = [], [], 0
-        else:
-            adam = [self.optimizer.adam_state(param) for param in params]
-            for state in adam:
+        step = 0
+        if not self.adagrad:
+            for state in states:
                 state["step"] += 1
-            states = [state["exp_avg"] for state in adam]
-            moments = [state["exp_avg_sq"] for state in adam]
-            last_steps = [state["last_step"] for state in adam]
-            step = adam[0]["step"]
+            step = states[0]["step"]
         loss, logits, seconds = self.kernels.mlp_train_step(
-            x, y, [layer.weight.data for layer in self.layers], [layer.bias.data for layer in self.layers], states,
-            moments, last_steps, self.k, self.unified, self.sum_loss, self.adagrad, group["lr"], beta1, beta2,
+            x, y, *tensors, self.k, self.unified, self.sum_loss, self.adagrad, group["lr"], beta1, beta2,
             group["eps"], step, exact_adam_horizon(beta1, beta2))
         return loss, logits, dict(zip(PHASE_NAMES, seconds.tolist()))

@@ -143,3 +143,23 @@ def test_a_fused_adagrad_run_equals_the_autograd_run():
     for fused_epoch, autograd_epoch in zip(fused.epochs, autograd.epochs, strict=True):
         assert fused_epoch["train_loss"] == pytest.approx(autograd_epoch["train_loss"], rel=1e-5)
     assert fused.test_acc == autograd.test_acc
+
+
+def test_the_fused_step_follows_a_loaded_optimizer_state():
+    """The step keeps its argument lists between steps: loading a state into the optimizer must
+    still be what the next step trains from (the same as a fresh step object on that state)."""
+    _, model, optimizer, fused = fused_and_model(SETTINGS["per_example"])
+    data = batches(6)
+    for x, y in data[:2]:
+        fused.step(x, y)
+    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    for x, y in data[2:4]:
+        fused.step(x, y)
+    model.load_state_dict(saved_model)
+    optimizer.load_state_dict(copy.deepcopy(saved_optimizer))  # torch loads state tensors without copying them
+    after_load = [fused.step(x, y)[0] for x, y in data[2:4]]
+    config, other_model, other_optimizer, other = fused_and_model(SETTINGS["per_example"])
+    other_model.load_state_dict(saved_model)
+    other_optimizer.load_state_dict(copy.deepcopy(saved_optimizer))
+    fresh = [other.step(x, y)[0] for x, y in data[2:4]]
+    torch.testing.assert_close(torch.stack(after_load), torch.stack(fresh), rtol=0, atol=0)
