@@ -236,10 +236,12 @@ def _linear_backward_replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    else layer.out_features for layer in layers]
     model.zero_grad(set_to_none=True)
     replay_inputs = [inputs[layer].clone().requires_grad_(index > 0) for index, layer in enumerate(layers)]
-    outputs = [layer(layer_input) for layer, layer_input in zip(layers, replay_inputs)]
     output_grads = [grads[layer] for layer in layers]
 
     def replay(n: int) -> float:
+        # a fresh graph per call (untimed): training steps in between update the weights in
+        # place, which stock optimizers record in the tensors' versions (AdaGrad's foreach path)
+        outputs = [layer(layer_input) for layer, layer_input in zip(layers, replay_inputs)]
         samples = []
         for _ in range(n):
             model.zero_grad(set_to_none=True)

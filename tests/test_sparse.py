@@ -203,3 +203,10 @@ def test_the_bound_follows_bytes_at_small_minibatch_and_flops_at_large_width():
     # FLOPs alone (infinite bandwidth) give the FLOP limit of the backward
     flops_only = linear_backward_bound(500, 10, 20, True, None, MachineRates(50e9, float("inf")))
     assert flops_only.speedup == pytest.approx(flop_limit(784, 500, 10, 20))
+
+
+def test_quick_bench_with_adagrad_replays_after_training_steps():
+    """The linear-backward replay is timed between training steps that update the weights in
+    place; with torch's AdaGrad (which records that in the tensors' versions) it must still run."""
+    records = run_bench(quick=True, repeats=5, warmup=8, rounds=3, optimizer="adagrad", log=lambda line: None)
+    assert all(row["linear_backward_us"] > 0 for row in as_dicts(records))
