@@ -194,6 +194,14 @@ void weighted_row_sum(scalar_t* __restrict__ dst, int64_t width, int64_t terms, 
 
 }  // namespace
 
+// The inputs of a meProp linear backward: a contiguous 2-D dy, and x / weight where dW / dx are asked for.
+void check_backward_inputs(const torch::Tensor& dy, const c10::optional<torch::Tensor>& x_opt,
+                           const c10::optional<torch::Tensor>& weight_opt, bool need_dx, bool need_dw) {
+  TORCH_CHECK(dy.dim() == 2 && dy.is_contiguous(), "dy must be a contiguous 2-D tensor");
+  TORCH_CHECK(!need_dw || (x_opt.has_value() && x_opt->is_contiguous()), "need_dw needs a contiguous x");
+  TORCH_CHECK(!need_dx || (weight_opt.has_value() && weight_opt->is_contiguous()), "need_dx needs a contiguous weight");
+}
+
 // Backward of y = x W^T + b keeping, per example, the given (or top-k) entries of dy.
 // Returns {dx (or None), rows [r] sorted unique, weight values [r, in] (or None), bias values [r]}:
 // the row-sparse gradient of W and b. Without idx [n, k], the top-k of |dy| of each row is used.
@@ -201,9 +209,7 @@ std::vector<torch::Tensor> per_example_backward(torch::Tensor dy, c10::optional<
                                                 c10::optional<torch::Tensor> weight_opt,
                                                 c10::optional<torch::Tensor> idx_opt, int64_t k, bool need_dx,
                                                 bool need_dw) {
-  TORCH_CHECK(dy.dim() == 2 && dy.is_contiguous(), "dy must be a contiguous 2-D tensor");
-  TORCH_CHECK(!need_dw || (x_opt.has_value() && x_opt->is_contiguous()), "need_dw needs a contiguous x");
-  TORCH_CHECK(!need_dx || (weight_opt.has_value() && weight_opt->is_contiguous()), "need_dx needs a contiguous weight");
+  check_backward_inputs(dy, x_opt, weight_opt, need_dx, need_dw);
   const int64_t n = dy.size(0), out = dy.size(1);
   torch::Tensor idx = idx_opt.has_value() ? *idx_opt : torch::Tensor();
   torch::Tensor x = x_opt.has_value() ? *x_opt : torch::Tensor();
@@ -296,9 +302,7 @@ std::vector<torch::Tensor> per_example_backward(torch::Tensor dy, c10::optional<
 std::vector<torch::Tensor> unified_backward(torch::Tensor dy, c10::optional<torch::Tensor> x_opt,
                                             c10::optional<torch::Tensor> weight_opt, int64_t k, bool need_dx,
                                             bool need_dw) {
-  TORCH_CHECK(dy.dim() == 2 && dy.is_contiguous(), "dy must be a contiguous 2-D tensor");
-  TORCH_CHECK(!need_dw || (x_opt.has_value() && x_opt->is_contiguous()), "need_dw needs a contiguous x");
-  TORCH_CHECK(!need_dx || (weight_opt.has_value() && weight_opt->is_contiguous()), "need_dx needs a contiguous weight");
+  check_backward_inputs(dy, x_opt, weight_opt, need_dx, need_dw);
   const int64_t n = dy.size(0), out = dy.size(1);
   TORCH_CHECK(k >= 1 && k <= out, "k must be in 1..out");
   torch::Tensor rows = torch::empty({k}, dy.options().dtype(torch::kLong));
