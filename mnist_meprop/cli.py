@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
 
 from .config import Config, config_warnings, load_config
-from .errors import ConfigError, MePropError
+from .errors import ConfigError, MePropError, WorkerLost
+from .executors import EXECUTORS, Executor, LocalExecutor, make_executor
 from .results import environment, failures, format_table, summarize, write_tables
 from .runner import run_experiments, stop_on_signals, sweep_configs
 from .train import RunInterrupted
@@ -29,30 +30,36 @@ def parse_int_list(option: str, text: str) -> list[int]:
     return values
 
 
-def _heading(config: Config) -> str:
+def _heading(config: Config, records: Sequence[dict]) -> str:
+    """The table's title line: the settings, and the machine and thread counts the runs had."""
     env = environment()
+    threads = sorted({r["env"]["threads"] for r in records if "env" in r}) or [env["threads"]]
     return (f"## {config.name}: {config.dataset}, MLP {config.n_layer} layers, hidden {config.d_hidden}, "
             f"minibatch {config.d_minibatch}, {config.optimizer} lr {config.lr:g}"
             f" ({config.sparse_update} update{', fused engine' if config.engine == 'fused' else ''}"
             f"{', denormals flushed' if config.flush_denormal else ''}), dropout {config.dropout:g}, "
-            f"{config.n_epoch} epochs; torch {env['torch']}, {env['threads']} threads, {env['cpu']}, {config.device}")
+            f"{config.n_epoch} epochs; torch {env['torch']}, {' / '.join(map(str, threads))} threads, {env['cpu']}, "
+            f"{config.device}")
 
 
-def _run_and_report(configs: Sequence[Config], out: str | None, fresh: bool) -> None:
+def _run_and_report(configs: Sequence[Config], out: str | None, fresh: bool, executor: Executor | None = None) -> None:
     """Run the group, print and write its table; exit 130 on interrupt, 1 if a run failed."""
     out_dir = Path(out) if out else Path("results") / configs[0].name
     for warning in dict.fromkeys(w for config in configs for w in config_warnings(config)):
         click.echo(warning, err=True)
     try:
-        with stop_on_signals() as should_stop:
-            records = run_experiments(configs, out_dir, fresh=fresh, should_stop=should_stop)
+        with executor or LocalExecutor() as running, stop_on_signals() as should_stop:
+            records = run_experiments(configs, out_dir, fresh=fresh, should_stop=should_stop, executor=running)
     except (RunInterrupted, KeyboardInterrupt):
         click.echo(f"interrupted: finished runs are in {out_dir / 'runs.jsonl'} and the current run's last "
                    f"finished epoch is checkpointed; run the same command again to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except WorkerLost as error:
+        click.echo(f"meprop: error: {error}", err=True)
+        sys.exit(EXIT_RUN_FAILED)
     rows = summarize(records)
     failed = failures(records)
-    heading = _heading(configs[0])
+    heading = _heading(configs[0], records)
     click.echo(f"{heading}\n\n{format_table(rows, d_hidden=configs[0].d_hidden)}")
     for line in failed:
         click.echo(line)
@@ -74,6 +81,23 @@ _set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VAL
 _out_option = click.option("--out", metavar="DIR", help="Output folder (default: results/<config name>/).")
 _fresh_option = click.option("--fresh", is_flag=True,
                              help="Recompute runs already in the output folder instead of skipping them.")
+
+
+def _executor_options(command: Callable) -> Callable:
+    """--executor, --address, --cpus-per-run, --gpus-per-run (see mnist_meprop.executors)."""
+    options = [
+        click.option("--executor", "executor_name", type=click.Choice(EXECUTORS), default="local", show_default=True,
+                     help="local: train the runs here, one after the other; ray: one Ray task per run."),
+        click.option("--address", metavar="ADDR",
+                     help="Ray cluster to join (auto, host:port or ray://host:port); default: start a local "
+                          "Ray with this machine's cores."),
+        click.option("--cpus-per-run", type=click.IntRange(min=1),
+                     help="CPUs (= torch threads) per Ray task (default: the runs' threads setting, else 1)."),
+        click.option("--gpus-per-run", type=click.FloatRange(min=0), help="GPUs per Ray task (default 0)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,14 +136,17 @@ def train(config_path: str | None, overrides: tuple[str, ...], out: str | None, 
 @_set_option
 @_out_option
 @_fresh_option
+@_executor_options
 def sweep(config_path: str | None, k_list: str, seeds: str | None, overrides: tuple[str, ...],
-          out: str | None, fresh: bool) -> None:
+          out: str | None, fresh: bool, executor_name: str, address: str | None, cpus_per_run: int | None,
+          gpus_per_run: float | None) -> None:
     """Train the config once per k (and seed) and print the comparison table."""
     try:
         base = load_config(config_path, overrides)
         ks = parse_int_list("--k", k_list)
         seed_list = parse_int_list("--seeds", seeds) if seeds else [base.seed]
-        _run_and_report(sweep_configs(base, ks, seed_list), out, fresh)
+        executor = make_executor(executor_name, address, cpus_per_run, gpus_per_run, base.threads)
+        _run_and_report(sweep_configs(base, ks, seed_list), out, fresh, executor)
     except MePropError as error:
         _fail(error)
 
@@ -192,9 +219,11 @@ def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: in
 @click.option("--out", metavar="DIR", help="Output folder (default: results/reproduce-<dataset>[-quick]/).")
 @click.option("--report-only", is_flag=True,
               help="Train nothing: write the report from the runs stored so far (missing rows say \"not run\").")
+@_executor_options
 def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int, epochs: int | None,
                       fig4_seeds: int | None, fig4_epochs: int | None, quick: bool,
-                      threads: int | None, out: str | None, report_only: bool) -> None:
+                      threads: int | None, out: str | None, report_only: bool, executor_name: str,
+                      address: str | None, cpus_per_run: int | None, gpus_per_run: float | None) -> None:
     """Re-run the paper's MNIST tables, Figure 4 and meSimp; print and write paper vs ours (REPORT.md, CSV, PNG)."""
     from .reproduce import TABLES, reproduce
 
@@ -207,16 +236,20 @@ def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int
     out_dir = Path(out) if out else Path("results") / f"reproduce-{dataset}{'-quick' if quick else ''}"
     command = "meprop " + " ".join(sys.argv[1:]) if sys.argv[1:] else "meprop reproduce"
     try:
-        with stop_on_signals() as should_stop:
+        executor = make_executor(executor_name, address, cpus_per_run, gpus_per_run, threads)
+        with (executor if not report_only else LocalExecutor()) as running, stop_on_signals() as should_stop:
             report = reproduce(chosen, dataset, data_dir, seeds, epochs, quick, out_dir, command, threads,
                                should_stop=should_stop, fig4_seeds=fig4_seeds, fig4_epochs=fig4_epochs,
-                               report_only=report_only)
+                               report_only=report_only, executor=running)
     except MePropError as error:
         _fail(error)
     except (RunInterrupted, KeyboardInterrupt):
         click.echo(f"interrupted: finished runs are in {out_dir / 'runs'}; run the same command again to resume",
                    err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except WorkerLost as error:
+        click.echo(f"meprop: error: {error}", err=True)
+        sys.exit(EXIT_RUN_FAILED)
     click.echo(f"\nwrote {report} (tables as CSV and Figure 4 plots beside it)")
 
 

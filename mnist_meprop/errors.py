@@ -11,3 +11,7 @@ class ConfigError(MePropError, ValueError):
 
 class DatasetError(MePropError):
     """Missing, unreadable or malformed data; the message names the file or folder."""
+
+
+class WorkerLost(Exception):
+    """A run's worker died more often than the executor retries it (the CLI: one line, exit code 1)."""

@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .export import compare_models
 from .log import to_stderr
 from .results import environment, format_mean_std, mean_std, mean_units
+from .executors import Executor
 from .runner import run_experiments
 from .store import latest_by_key, model_path, read_records, run_key
 from .train import LOSS_PARTS
@@ -503,14 +504,16 @@ def fig4_plots(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any
 def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: int, epochs: int | None,
               quick: bool, out_dir: Path, command: str, threads: int | None = None,
               log: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-              fig4_seeds: int | None = None, fig4_epochs: int | None = None, report_only: bool = False) -> Path:
+              fig4_seeds: int | None = None, fig4_epochs: int | None = None, report_only: bool = False,
+              executor: Executor | None = None) -> Path:
     """Run every requested table (resuming), write CSVs, plots and ``REPORT.md``; returns the report path.
 
     ``fig4_seeds`` and ``fig4_epochs`` let Figure 4's 28 series points use fewer seeds or epochs
     than the tables (the report says so). A hand-written ``NOTES.md`` in ``out_dir`` (where and
     why our numbers differ) is appended to the report, so rerunning the command keeps it.
     ``report_only`` trains nothing: the report shows the runs stored so far (others as "not run"),
-    e.g. while other processes are still working on the same folder.
+    e.g. while other processes are still working on the same folder. ``executor`` trains the
+    runs (default: in this process; see :mod:`mnist_meprop.executors`).
     """
     log = log or to_stderr
     data = data_settings(dataset, data_dir)
@@ -527,14 +530,15 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
         by_key = latest_by_key(read_records(out_dir / "runs", log))
     else:
         records = run_experiments(configs, out_dir / "runs", log=_with_eta(log, len(configs), started),
-                                  should_stop=should_stop)
+                                  should_stop=should_stop, executor=executor)
         by_key = {record["key"]: record for record in records}
     for spec, rows in built:  # rows sized by other rows' results (meSimp's reduced MLP) run second
         reduced_configs(spec, rows, by_key)
     extra = [c for _, rows in built for row in rows if row.reduced_from for c in row.configs]
     if extra and not report_only:
         log(f"reproduce: {len(extra)} more runs, dense MLPs of the sizes meSimp reached")
-        by_key.update((r["key"], r) for r in run_experiments(extra, out_dir / "runs", log=log, should_stop=should_stop))
+        by_key.update((r["key"], r) for r in run_experiments(extra, out_dir / "runs", log=log,
+                                                             should_stop=should_stop, executor=executor))
     done = sum(run_key(c) in by_key for c in configs)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()

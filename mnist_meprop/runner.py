@@ -10,18 +10,17 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import Config, resolve_device
-from .data import Splits, load_data
+from .config import Config
+from .executors import Executor, Job, LocalExecutor, describe
 from .log import to_stderr
 from .ops import is_meprop_active
-from .results import make_record
-from .store import (append_record, checkpoint_path, claim_run, latest_by_key, model_path, read_records,
+from .store import (RUNS_FILE, append_record, checkpoint_path, claim_run, latest_by_key, read_records,
                     remove_checkpoint, run_key)
-from .train import NonFiniteLoss, RunInterrupted, method_name, train_run
+from .train import RunInterrupted
 
 Log = Callable[[str], None]
 
@@ -61,100 +60,96 @@ def stop_on_signals(log: Log = to_stderr) -> Iterator[Callable[[], bool]]:
             signal.signal(sig, old)
 
 
-def _data_key(config: Config) -> tuple:
-    return (config.dataset, config.data_dir, config.dev_size, config.train_limit, config.test_limit, config.device)
-
-
-def _describe(config: Config) -> str:
-    return f"{config.name}, {method_name(config)}, k={config.k}, seed={config.seed}"
-
-
 def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = None, fresh: bool = False,
-                    should_stop: Callable[[], bool] | None = None,
-                    poll_seconds: float = 5.0) -> list[dict[str, Any]]:
-    """Train each config in turn, appending each finished (or failed) run to ``out_dir/runs.jsonl``.
+                    should_stop: Callable[[], bool] | None = None, poll_seconds: float = 5.0,
+                    executor: Executor | None = None) -> list[dict[str, Any]]:
+    """Train each config (in this process, or through ``executor``), appending each finished
+    (or failed) run to ``out_dir/runs.jsonl`` as it arrives; returns the records in config order.
 
     Runs whose key is already stored are skipped and their stored record is returned (unless
-    ``fresh``, which recomputes them; the new record then supersedes the old one). Data is
-    loaded once per distinct dataset setting. A run whose loss becomes non-finite is stored
-    as failed and the group goes on. ``RunInterrupted`` from ``should_stop`` propagates,
-    leaving the interrupted run's checkpoint for the next call.
+    ``fresh``, which recomputes them; the new record then supersedes the old one). A run whose
+    loss becomes non-finite is stored as failed and the group goes on. ``RunInterrupted`` from
+    ``should_stop`` propagates (outstanding jobs are cancelled), leaving each interrupted run's
+    checkpoint for the next call.
 
     Several processes can work on one ``out_dir`` at once (one per core or per machine on a
-    shared disk): a run another process is training is skipped, and collected at the end
-    once that process has stored it (or trained here, resuming its checkpoint, if that
-    process stopped without storing it).
+    shared disk): this process holds the lock of every run it has handed to its executor, a run
+    another process holds is skipped, and collected at the end once that process has stored it
+    (or trained here, resuming its checkpoint, if that process stopped without storing it).
     """
     log = log or to_stderr
+    executor = executor or LocalExecutor()
     stored = {} if fresh else latest_by_key(read_records(out_dir, log))
-    loaded: dict[tuple, Splits] = {}
     total = len(configs)
     records: dict[int, dict[str, Any]] = {}
-    busy: list[int] = []
+    held: dict[int, ExitStack] = {}  # the locks of the runs handed to the executor
+    waiting: list[int] = []  # runs another process holds
 
-    def obtain(number: int, config: Config) -> dict[str, Any] | None:
-        """The run's record, trained here if need be; None while another process trains it."""
+    def dispatch(number: int, config: Config) -> bool:
+        """Take the stored record or hand the run to the executor; False while another process holds it."""
         key = run_key(config)
         if key in stored:
-            log(f"run {number}/{total}: {_describe(config)}: already in {out_dir / 'runs.jsonl'}, skipped "
+            log(f"run {number}/{total}: {describe(config)}: already in {out_dir / RUNS_FILE}, skipped "
                 "(--fresh recomputes)")
-            return stored[key]
-        with claim_run(out_dir, key) as claimed:
-            if not claimed:
-                return None
-            if not fresh:  # another process may have stored it since we read the store
-                stored.update(latest_by_key(read_records(out_dir, log)))
-                if key in stored:
-                    log(f"run {number}/{total}: {_describe(config)}: stored by another process")
-                    return stored[key]
-            stored[key] = _train_and_store(number, total, config, out_dir, loaded, log, fresh, should_stop)
-            return stored[key]
-
-    for number, config in enumerate(configs, start=1):
-        record = obtain(number, config)
-        if record is None:
-            log(f"run {number}/{total}: {_describe(config)}: another process is training it; "
-                "collected at the end")
-            busy.append(number)
+            records[number] = stored[key]
+            return True
+        lock = ExitStack()
+        if not lock.enter_context(claim_run(out_dir, key)):
+            lock.close()
+            return False
+        if not fresh:  # another process may have stored it since we read the store
+            stored.update(latest_by_key(read_records(out_dir, log)))
+            if key in stored:
+                lock.close()
+                log(f"run {number}/{total}: {describe(config)}: stored by another process")
+                records[number] = stored[key]
+                return True
         else:
-            records[number] = record
-    while busy:
-        if should_stop is not None and should_stop():
-            raise RunInterrupted(0)
-        time.sleep(poll_seconds)
-        for number in list(busy):
-            record = obtain(number, configs[number - 1])
-            if record is not None:
-                records[number] = record
-                busy.remove(number)
+            remove_checkpoint(checkpoint_path(out_dir, key))
+        held[number] = lock
+        executor.submit(Job(number, total, config, out_dir), log, should_stop)
+        collect(executor.finished(timeout=0))
+        return True
+
+    def collect(finished: list[tuple[int, dict[str, Any]]]) -> None:
+        for number, record in finished:
+            append_record(out_dir, record)
+            remove_checkpoint(checkpoint_path(out_dir, record["key"]))
+            held.pop(number).close()
+            stored[record["key"]] = records[number] = record
+            log(_outcome(number, total, record))
+
+    try:
+        for number, config in enumerate(configs, start=1):
+            if not dispatch(number, config):
+                log(f"run {number}/{total}: {describe(config)}: another process is training it; "
+                    "collected at the end")
+                waiting.append(number)
+        last_poll = time.monotonic()
+        while waiting or executor.outstanding():
+            if should_stop is not None and should_stop():
+                raise RunInterrupted(0)
+            if executor.outstanding():
+                collect(executor.finished(timeout=min(0.25, poll_seconds)))  # answers a stop request quickly
+            else:
+                time.sleep(max(0.0, poll_seconds - (time.monotonic() - last_poll)))
+            if waiting and time.monotonic() - last_poll >= poll_seconds:
+                last_poll = time.monotonic()
+                waiting = [number for number in waiting if not dispatch(number, configs[number - 1])]
+    except BaseException:
+        executor.cancel()
+        raise
+    finally:
+        for lock in held.values():
+            lock.close()
     return [records[number] for number in range(1, total + 1)]
 
 
-def _train_and_store(number: int, total: int, config: Config, out_dir: Path, loaded: dict[tuple, Splits],
-                     log: Log, fresh: bool, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
-    """Train one run (resuming its checkpoint) and append its record; a non-finite loss is stored as failed."""
-    checkpoint = checkpoint_path(out_dir, run_key(config))
-    if fresh:
-        remove_checkpoint(checkpoint)
-    if _data_key(config) not in loaded:
-        loaded[_data_key(config)] = load_data(config).to(resolve_device(config.device))
-    data = loaded[_data_key(config)]
-    sizes = data.sizes()
-    log(f"run {number}/{total}: {_describe(config)}, {config.n_epoch} epochs on {sizes['train']} train / "
-        f"{sizes['dev']} dev / {sizes['test']} test ({data.source})")
-    try:
-        result = train_run(config, data, log, checkpoint, should_stop, model_path(out_dir, run_key(config)))
-    except NonFiniteLoss as error:
-        record = make_record(config, error.result, sizes, data.source, error=str(error))
-        append_record(out_dir, record)
-        remove_checkpoint(checkpoint)
-        log(f"run {number}/{total} FAILED: {error}; recorded, going on")
-        return record
-    record = make_record(config, result, sizes, data.source)
-    append_record(out_dir, record)
-    remove_checkpoint(checkpoint)
-    log(f"run {number}/{total} done: best dev {result.best_dev_acc:.2f}% at epoch "
-        f"{result.best_epoch}, test {result.test_acc:.2f}%, linear backward "
-        f"{result.timings['linear_backward']:.2f}s, total {result.timings['total']:.1f}s "
-        f"({record['env']['threads']} threads)")
-    return record
+def _outcome(number: int, total: int, record: dict[str, Any]) -> str:
+    """The progress line of a finished run."""
+    if record.get("status") == "failed":
+        return f"run {number}/{total} FAILED: {record['error']}; recorded, going on"
+    timings = record["timings"]
+    return (f"run {number}/{total} done: best dev {record['best_dev_acc']:.2f}% at epoch "
+            f"{record['best_epoch']:g}, test {record['test_acc']:.2f}%, linear backward "
+            f"{timings['linear_backward']:.2f}s, total {timings['total']:.1f}s ({record['env']['threads']} threads)")
