@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -164,6 +165,9 @@ _SIMPLIFY_RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]
 assert set(_SIMPLIFY_RULES) == {f.name for f in dataclasses.fields(Simplify)}
 
 
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_value(key: str, value: Any, rules: dict | None = None) -> Any:
     kind, optional, check = (rules or _RULES)[key.rpartition(".")[2]]
     if value is None:
@@ -173,6 +177,8 @@ def _check_value(key: str, value: Any, rules: dict | None = None) -> Any:
     is_bool = isinstance(value, bool)
     if kind is float and isinstance(value, int) and not is_bool:
         value = float(value)
+    if kind is float and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is the number that was meant
     if not isinstance(value, kind) or (kind is not bool and is_bool):
         raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
     if check is not None and (problem := check(value)) is not None:

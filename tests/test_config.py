@@ -39,6 +39,14 @@ def test_overrides_are_parsed_as_yaml_values():
     assert (config.n_epoch, config.unified, config.dropout, config.threads, config.name) == (3, True, 0.25, None, "x")
 
 
+def test_exponent_numbers_without_a_dot_are_floats():
+    # YAML 1.1 reads 1e-3 as a string; for a float key it is the number
+    assert load_config(None, ["lr=1e-3"]).lr == 0.001
+    assert load_config(None, ["grad_clip=5E0"]).grad_clip == 5.0
+    with pytest.raises(ConfigError, match="lr: expected float"):
+        load_config(None, ["lr=fast"])
+
+
 def test_lr_defaults_to_the_paper_value_of_the_optimizer():
     assert validate({"optimizer": "adagrad"}).lr == 0.1
     assert validate({"optimizer": "adam"}).lr == 0.001
