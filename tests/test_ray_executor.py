@@ -177,3 +177,18 @@ def test_interrupted_driver_keeps_its_records_and_a_rerun_completes_them(tmp_pat
     assert sorted(r["key"] for r in stored) == sorted(local_records)  # the full set, each once
     for record in stored:
         assert metrics(record) == local_records[record["key"]]
+
+
+def test_a_run_that_raises_is_recorded_failed_as_with_local(tmp_path):
+    exploding = SETTINGS + ["optimizer=sgd", "lr=1e12", "n_epoch=2"]
+    outcomes = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        completed = subprocess.run([sys.executable, "-m", "mnist_meprop",
+                                    *sweep_args(out, ks=[0], executor=executor, settings=exploding)],
+                                   capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 1, completed.stderr[-3000:]  # a failed run: exit 1, after the table
+        [record] = records(out)
+        outcomes[executor] = (record["key"], record["status"], record["error"])
+    assert outcomes["ray"] == outcomes["local"]
+    assert outcomes["ray"][1] == "failed" and "non-finite loss" in outcomes["ray"][2]
