@@ -1,10 +1,13 @@
-"""``MePropLinear``: a drop-in ``torch.nn.Linear`` whose backward keeps only top-k of ``dy``."""
+"""Drop-in meProp layers: ``MePropLinear`` (``torch.nn.Linear``), ``MePropLSTM`` and ``MePropLSTMCell``
+(``torch.nn.LSTM`` / ``LSTMCell``), whose backward keeps only the top-k of each output gradient."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from . import ops
+from .lstm_ops import meprop_lstm
 from .ops import BIAS_GRADS, SELECTIONS, TopkCounter, is_meprop_active, meprop_linear
 
 
@@ -35,10 +38,7 @@ class MePropLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if bias_grad not in BIAS_GRADS:
-            raise ValueError(f"bias_grad must be one of {BIAS_GRADS}, got {bias_grad!r}")
+        _check_choices(selection, bias_grad)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.k = int(k)
         self.unified = bool(unified)
@@ -61,3 +61,89 @@ class MePropLinear(nn.Linear):
         mode = "unified" if self.unified else "per_example"
         return (f"{super().extra_repr()}, k={self.k}, mode={mode}, selection={self.selection}"
                 + (f", bias_grad={self.bias_grad}" if self.bias_grad != "masked" else ""))
+
+
+def _check_choices(selection: str, bias_grad: str) -> None:
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if bias_grad not in BIAS_GRADS:
+        raise ValueError(f"bias_grad must be one of {BIAS_GRADS}, got {bias_grad!r}")
+
+
+class MePropLSTM(nn.LSTM):
+    """``torch.nn.LSTM`` (one layer, one direction) with a meProp backward.
+
+    Same parameters (``weight_ih_l0 [4H, I]``, ``weight_hh_l0 [4H, H]``, ``bias_ih_l0``,
+    ``bias_hh_l0``), initialisation and ``state_dict`` as ``nn.LSTM``; the same call:
+    ``output, (h_n, c_n) = lstm(input, (h_0, c_0))`` with ``batch_first`` and unbatched input.
+    The backward keeps, at every time step, ``k`` entries of each gate's pre-activation
+    gradient (per example, or shared by the minibatch with ``unified``); see
+    :mod:`mnist_meprop.lstm_ops`. ``k <= 0`` or ``k >= hidden_size`` is plain backprop: torch's
+    own LSTM, except inside :func:`mnist_meprop.time_linear_backward`, where it runs the same
+    timed path as meProp.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, k: int, unified: bool = False, selection: str = "topk",
+                 bias: bool = True, batch_first: bool = False, bias_grad: str = "masked",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        _check_choices(selection, bias_grad)
+        super().__init__(input_size, hidden_size, num_layers=1, bias=bias, batch_first=batch_first,
+                         device=device, dtype=dtype)
+        self.k, self.unified, self.selection, self.bias_grad = int(k), bool(unified), selection, bias_grad
+
+    @property
+    def meprop_active(self) -> bool:
+        return is_meprop_active(self.k, self.hidden_size)
+
+    def forward(self, input, hx=None):  # noqa: A002 (nn.LSTM's own argument name)  # type: ignore[override]
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            raise TypeError("MePropLSTM takes padded tensors, not a PackedSequence")
+        if not self.meprop_active and ops._active_clock is None:
+            return super().forward(input, hx)
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1)
+        if self.batch_first and batched:
+            x = x.transpose(0, 1)
+        if hx is None:
+            zeros = x.new_zeros(x.shape[1], self.hidden_size)
+            hx = (zeros, zeros)
+        else:  # nn.LSTM's (1, N, H), or (1, H) unbatched
+            hx = tuple(state.reshape(x.shape[1], self.hidden_size) for state in hx)
+        out, (h, c) = meprop_lstm(x, hx, self.weight_ih_l0, self.weight_hh_l0, getattr(self, "bias_ih_l0", None),
+                                  getattr(self, "bias_hh_l0", None), self.k, self.unified, self.selection,
+                                  self.bias_grad)
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        if not batched:
+            return out.squeeze(1), (h, c)
+        return out, (h.unsqueeze(0), c.unsqueeze(0))
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, k={self.k}, mode={'unified' if self.unified else 'per_example'}, "
+                f"selection={self.selection}" + (f", bias_grad={self.bias_grad}" if self.bias_grad != "masked" else ""))
+
+
+class MePropLSTMCell(nn.LSTMCell):
+    """``torch.nn.LSTMCell`` with the meProp backward of :class:`MePropLSTM` (one time step):
+    same parameters, initialisation and ``state_dict``; ``h, c = cell(x, (h, c))``."""
+
+    def __init__(self, input_size: int, hidden_size: int, k: int, unified: bool = False, selection: str = "topk",
+                 bias: bool = True, bias_grad: str = "masked", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        _check_choices(selection, bias_grad)
+        super().__init__(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
+        self.k, self.unified, self.selection, self.bias_grad = int(k), bool(unified), selection, bias_grad
+
+    def forward(self, input, hx=None):  # noqa: A002  # type: ignore[override]
+        if not is_meprop_active(self.k, self.hidden_size) and ops._active_clock is None:
+            return super().forward(input, hx)
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        if hx is None:
+            zeros = x.new_zeros(x.shape[0], self.hidden_size)
+            hx = (zeros, zeros)
+        elif not batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        _, (h, c) = meprop_lstm(x.unsqueeze(0), hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                                self.k, self.unified, self.selection, self.bias_grad)
+        return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
