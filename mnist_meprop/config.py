@@ -19,7 +19,9 @@ import yaml
 from .errors import ConfigError
 from .ops import BIAS_GRADS, is_meprop_active
 
-DATASETS = ("sample", "mnist", "fashion-mnist", "idx")
+TASKS = ("mnist", "pos")  # see mnist_meprop.task
+DATASETS = ("sample", "mnist", "fashion-mnist", "idx", "ewt")
+TASK_DATASETS = {"mnist": ("sample", "mnist", "fashion-mnist", "idx"), "pos": ("ewt",)}
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 SELECTIONS = ("topk", "random")
 DEVICES = ("cpu", "cuda", "auto")
@@ -60,6 +62,7 @@ class Config:
     """One experiment. Field defaults are the paper's MNIST CPU setting (Table 1, Adam)."""
 
     name: str = "experiment"
+    task: str = "mnist"
     dataset: str = "sample"
     data_dir: str | None = None
     dev_size: int = 5000
@@ -151,6 +154,7 @@ _RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]] = {
     "adagrad_eps": (str, False, _one_of(ADAGRAD_EPS)),
     "evals_per_epoch": (int, False, _at_least(1)),
     "engine": (str, False, _one_of(ENGINES)),
+    "task": (str, False, _one_of(TASKS)),
     "flush_denormal": (bool, False, None),
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(Config)}
@@ -224,6 +228,11 @@ def validate(raw: dict[str, Any]) -> Config:
     if "simplify" in values:
         values["simplify"] = _validate_simplify(values["simplify"])
     config = Config(**values)
+    if config.dataset not in TASK_DATASETS[config.task]:
+        raise ConfigError(f"dataset: task {config.task} takes {' or '.join(TASK_DATASETS[config.task])}, "
+                          f"got {config.dataset!r}")
+    if config.task != "mnist" and config.simplify.enabled:
+        raise ConfigError(f"simplify.enabled: meSimp is for the MLP (task mnist), not task {config.task}")
     if config.dataset == "idx" and not config.data_dir:
         raise ConfigError("data_dir: required when dataset is idx (a folder with the four IDX files)")
     if config.simplify.enabled and not (is_meprop_active(config.k, config.d_hidden) and config.n_layer >= 2):
@@ -252,6 +261,8 @@ def fused_engine_limits(config: Config) -> str | None:
     """What in ``config`` the fused engine cannot train (None when it can): it runs the paper's
     MLP on the CPU with Adam or AdaGrad and the exact row-sparse update, top-k selection and no
     dropout, gradient clip, full bias gradient or meSimp."""
+    if config.task != "mnist":
+        return f"task: {config.task} (needs mnist)"
     if config.optimizer not in ("adam", "adagrad"):
         return f"optimizer: {config.optimizer} (needs adam or adagrad)"
     needs = {"sparse_update": "exact", "selection": "topk", "dropout": 0.0, "grad_clip": None,

@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import torch
 
 from .config import Config, resolve_device
-from .data import Splits, load_data
 from .errors import MePropError, WorkerLost
 from .log import to_stderr
 from .results import make_record
+from .task import task_for
 from .store import checkpoint_path, model_path, run_key
 from .train import NonFiniteLoss, method_name, train_run
 
@@ -50,14 +50,14 @@ def describe(config: Config) -> str:
     return f"{config.name}, {method_name(config)}, k={config.k}, seed={config.seed}"
 
 
-_worker_data: dict[tuple, Splits] = {}  # a Ray worker process trains many runs on the same data
+_worker_data: dict[tuple, Any] = {}  # a Ray worker process trains many runs on the same data
 
 
 def _data_key(config: Config) -> tuple:
-    return (config.dataset, config.data_dir, config.dev_size, config.train_limit, config.test_limit, config.device)
+    return (config.task, config.dataset, config.data_dir, config.dev_size, config.train_limit, config.test_limit, config.device)
 
 
-def train_job(job: Job, data_cache: dict[tuple, Splits], log: Log = to_stderr,
+def train_job(job: Job, data_cache: dict[tuple, Any], log: Log = to_stderr,
               should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train ``job`` (resuming its checkpoint) and return its record; a non-finite loss gives a failed record.
 
@@ -67,7 +67,7 @@ def train_job(job: Job, data_cache: dict[tuple, Splits], log: Log = to_stderr,
     config = job.config
     if _data_key(config) not in data_cache:
         data_cache.clear()
-        data_cache[_data_key(config)] = load_data(config).to(resolve_device(config.device))
+        data_cache[_data_key(config)] = task_for(config).load_data(config).to(resolve_device(config.device))
     data = data_cache[_data_key(config)]
     sizes = data.sizes()
     key = run_key(config)
@@ -105,7 +105,7 @@ class LocalExecutor:
 
     def __init__(self) -> None:
         self._done: list[tuple[int, dict[str, Any]]] = []
-        self._data: dict[tuple, Splits] = {}
+        self._data: dict[tuple, Any] = {}
 
     def __enter__(self) -> LocalExecutor:
         return self

@@ -1,46 +1,57 @@
-"""What a task gives the training harness: its model, its loss and its evaluation metric.
+"""What a task gives the training harness: its data, model, loss and evaluation metric.
 
 The harness (:func:`mnist_meprop.train.train_run`) owns everything else: the loop, the timers,
-the evaluation schedule, the choice of the best model and the checkpoints. A new task (POS
-tagging, parsing) is one more :class:`Task`, not a second training loop.
+the evaluation schedule, the choice of the best model and the checkpoints. A task (MNIST, POS
+tagging, parsing) is one :class:`Task`, not a second training loop; ``config.task`` names it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .data import Splits
+from .conllu import load_ewt
+from .data import Splits, iterate_minibatches, load_data
 from .model import build_model
+from .pos_data import NO_TAG, TaggedSentences, Vocabulary
+from .pos_model import PosTagger
 
 EVAL_BATCH = 2000
+Batch = tuple[Any, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Task:
     """A task as the harness sees it.
 
-    ``build_model(config, data)`` returns the model (the harness seeds torch before calling it);
-    ``loss(output, target, reduction)`` is the training loss (``mean`` or ``sum`` over the
-    minibatch); ``count_correct(output, target)`` counts correct training predictions;
-    ``evaluate(model, x, y)`` returns the mean loss and the metric (``metric`` names it, in %).
+    ``load_data(config)`` returns the task's data (with ``to(device)``, ``sizes()`` and ``source``);
+    ``n_train(data)`` counts training examples; ``batches(data, size, generator)`` yields the
+    epoch's ``(inputs, targets)`` minibatches in the generator's order; ``build_model(config,
+    data)`` returns the model (the harness seeds torch before calling it); ``loss(output, targets,
+    reduction)`` is the training loss (``mean`` or ``sum`` over the minibatch's predictions);
+    ``count(targets)`` is how many predictions a minibatch holds and ``count_correct(output,
+    targets)`` how many are right; ``evaluate(model, data, split)`` returns the mean loss and the
+    metric (``metric`` names it, in %) on ``dev`` or ``test``; ``model_info(data)`` is what the
+    saved best model needs besides its config to be rebuilt.
     """
 
     name: str
     metric: str
-    build_model: Callable[[Config, Splits], nn.Module]
+    load_data: Callable[[Config], Any]
+    n_train: Callable[[Any], int]
+    batches: Callable[[Any, int, torch.Generator], Iterator[Batch]]
+    build_model: Callable[[Config, Any], nn.Module]
     loss: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
+    count: Callable[[torch.Tensor], int]
     count_correct: Callable[[torch.Tensor, torch.Tensor], int]
-    evaluate: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[float, float]]
-
-
-def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
-    return F.cross_entropy(logits, target, reduction=reduction)
+    evaluate: Callable[[nn.Module, Any, str], tuple[float, float]]
+    model_info: Callable[[Any], dict[str, Any]]
 
 
 def _count_correct(logits: torch.Tensor, target: torch.Tensor) -> int:
@@ -63,8 +74,98 @@ def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
 MNIST = Task(
     name="mnist",
     metric="accuracy",
+    load_data=load_data,
+    n_train=lambda data: len(data.train_y),
+    batches=lambda data, size, generator: iterate_minibatches(data.train_x, data.train_y, size, generator),
     build_model=lambda config, data: build_model(config, data.n_features, data.n_classes),
-    loss=_cross_entropy,
+    loss=lambda logits, target, reduction: F.cross_entropy(logits, target, reduction=reduction),
+    count=len,
     count_correct=_count_correct,
-    evaluate=evaluate_classifier,
+    evaluate=lambda model, data, split: evaluate_classifier(model, getattr(data, f"{split}_x"),
+                                                            getattr(data, f"{split}_y")),
+    model_info=lambda data: {"n_features": data.n_features, "n_classes": data.n_classes},
 )
+
+
+@dataclass(frozen=True)
+class PosData:
+    """EWT's train / dev / test sentences encoded with the training set's vocabulary."""
+
+    train: TaggedSentences
+    dev: TaggedSentences
+    test: TaggedSentences
+    vocabulary: Vocabulary
+    source: str
+
+    def to(self, device: torch.device) -> PosData:
+        return PosData(self.train.to(device), self.dev.to(device), self.test.to(device), self.vocabulary,
+                       self.source)
+
+    def sizes(self) -> dict[str, int]:
+        """Sentences per split (the tokens are in ``source``)."""
+        return {"train": len(self.train), "dev": len(self.dev), "test": len(self.test)}
+
+
+def load_pos_data(config: Config) -> PosData:
+    """UD English-EWT (see :mod:`mnist_meprop.conllu`), the first ``train_limit`` / ``test_limit``
+    sentences of train and of dev and test when set (for quick runs)."""
+    sentences, source = load_ewt(config.data_dir)
+    train = sentences["train"][:config.train_limit]
+    dev, test = (sentences[split][:config.test_limit] for split in ("dev", "test"))
+    vocabulary = Vocabulary.build(train)
+    splits = [TaggedSentences.encode(part, vocabulary) for part in (train, dev, test)]
+    tokens = ", ".join(f"{split.tokens:,}" for split in splits)
+    return PosData(*splits, vocabulary, f"{source}: {tokens} tokens, {len(vocabulary.tags)} tags")
+
+
+def _pos_batches(data: PosData, size: int, generator: torch.Generator) -> Iterator[Batch]:
+    order = torch.randperm(len(data.train), generator=generator).tolist()
+    for inputs, tags in data.train.batches(order, size):
+        yield inputs, tags.reshape(-1)
+
+
+def _build_tagger(config: Config, data: PosData) -> PosTagger:
+    n_words, feature_sizes, n_tags = data.vocabulary.sizes()
+    return PosTagger(n_words, feature_sizes, n_tags, config.d_hidden, config.k, config.unified, config.selection,
+                     config.dropout, config.bias_grad)
+
+
+def _count_correct_tags(scores: torch.Tensor, tags: torch.Tensor) -> int:
+    return int(((scores.argmax(dim=1) == tags) & (tags != NO_TAG)).sum())
+
+
+@torch.no_grad()
+def evaluate_tagger(model: nn.Module, data: PosData, split: str) -> tuple[float, float]:
+    """Mean cross-entropy per scored token and per-token accuracy (%) on ``split``, in eval mode:
+    every token counts, a tag the training set does not have as an error."""
+    model.eval()
+    sentences: TaggedSentences = getattr(data, split)
+    loss_sum, scored, correct = 0.0, 0, 0
+    for inputs, tags in sentences.batches(range(len(sentences)), 64):
+        scores, tags = model(inputs), tags.reshape(-1)
+        loss_sum += F.cross_entropy(scores, tags, ignore_index=NO_TAG, reduction="sum").item()
+        scored += int((tags != NO_TAG).sum())
+        correct += _count_correct_tags(scores, tags)
+    return loss_sum / max(scored, 1), 100.0 * correct / sentences.tokens
+
+
+POS = Task(
+    name="pos",
+    metric="accuracy",
+    load_data=load_pos_data,
+    n_train=lambda data: len(data.train),
+    batches=_pos_batches,
+    build_model=_build_tagger,
+    loss=lambda scores, tags, reduction: F.cross_entropy(scores, tags, ignore_index=NO_TAG, reduction=reduction),
+    count=lambda tags: int((tags != NO_TAG).sum()),
+    count_correct=_count_correct_tags,
+    evaluate=evaluate_tagger,
+    model_info=lambda data: {"vocabulary": data.vocabulary},
+)
+
+TASKS = {task.name: task for task in (MNIST, POS)}
+
+
+def task_for(config: Config) -> Task:
+    """The task ``config.task`` names."""
+    return TASKS[config.task]

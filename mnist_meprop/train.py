@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from .config import Config, resolve_device
-from .data import Splits, iterate_minibatches
 from .engine import FusedMLPStep
 from .kernels import cpu_kernels, flushes_denormals, set_flush_denormal
 from .log import to_stderr
@@ -22,7 +21,7 @@ from .optim import OptimizerGroup, build_optimizer
 from .ops import is_meprop_active, time_linear_backward
 from .simplify import Simplifier, shrink_to
 from .store import load_checkpoint, save_checkpoint
-from .task import MNIST, Task
+from .task import Task, task_for
 
 PHASES = ("forward", "backward", "linear_backward", "update", "train", "eval", "total")
 LOSS_PARTS = 8  # the training loss is recorded per 1/8 epoch, the authors' C# logging grain
@@ -97,7 +96,7 @@ class _Run:
 
     config: Config
     task: Task
-    data: Splits
+    data: Any  # what task.load_data returned
     model: nn.Module
     optimizer: OptimizerGroup
     simplifier: Simplifier | None
@@ -108,15 +107,14 @@ class _Run:
     fused: FusedMLPStep | None = None  # engine: fused
 
 
-def _prepare(config: Config, task: Task, data: Splits, checkpoint: Path | None,
+def _prepare(config: Config, task: Task, data: Any, checkpoint: Path | None,
              log: Callable[[str], None], model_file: Path | None) -> _Run:
     """Device, kernels, the seeded model, meSimp, the optimizer, and the checkpoint's state if any
     (:func:`train_run` has set the thread count)."""
     device = resolve_device(config.device)
     if device.type == "cpu" and is_meprop_active(config.k, config.d_hidden) and not config.unified:
         cpu_kernels()  # build/load the kernels now, so a first-use compile is not timed as backward
-    if data.train_x.device != device:
-        data = data.to(device)
+    data = data.to(device)
     torch.manual_seed(config.seed)
     model = task.build_model(config, data).to(device)
     saved = load_checkpoint(checkpoint) if checkpoint is not None else None
@@ -125,7 +123,7 @@ def _prepare(config: Config, task: Task, data: Splits, checkpoint: Path | None,
         units = [torch.as_tensor(kept) for kept in saved["units"]] if saved is not None else None
         if units is not None:
             shrink_to(model, units)
-        simplifier = Simplifier(model, config.simplify, math.ceil(len(data.train_y) / config.d_minibatch), units)
+        simplifier = Simplifier(model, config.simplify, math.ceil(task.n_train(data) / config.d_minibatch), units)
     optimizer = build_optimizer(config, model)  # after any shrinking: it must hold the model's current parameters
     result = RunResult()
     if saved is not None:
@@ -149,11 +147,11 @@ def _evaluate(run: _Run, at: float) -> dict[str, Any]:
     eval_start = run.clock()
     # exact row-sparse Adam: evaluate (and save) the up-to-date weights, then train on as before
     with run.optimizer.up_to_date():
-        dev_loss, dev_acc = run.task.evaluate(run.model, run.data.dev_x, run.data.dev_y)
+        dev_loss, dev_acc = run.task.evaluate(run.model, run.data, "dev")
         test_acc = None
         improved = dev_acc > result.best_dev_acc
         if improved:
-            _, test_acc = run.task.evaluate(run.model, run.data.test_x, run.data.test_y)
+            _, test_acc = run.task.evaluate(run.model, run.data, "test")
             result.best_dev_acc, result.test_acc = dev_acc, test_acc
             result.best_epoch = int(at) if float(at).is_integer() else at
             result.units_at_best = run.simplifier.active_units() if run.simplifier is not None else None
@@ -163,7 +161,7 @@ def _evaluate(run: _Run, at: float) -> dict[str, Any]:
             save_checkpoint(run.model_file, {
                 "config": run.config.to_dict(), "model": run.model.state_dict(), "epoch": at,
                 "units": run.simplifier.units if run.simplifier is not None else None,
-                "n_features": run.data.n_features, "n_classes": run.data.n_classes})
+                **run.task.model_info(run.data)})
     return {"at": at, "dev_loss": dev_loss, "dev_acc": dev_acc, "test_acc": test_acc}
 
 
@@ -178,17 +176,16 @@ def _train_epoch(run: _Run, epoch: int, should_stop: Callable[[], bool] | None) 
             run.optimizer.close()
             run.optimizer = build_optimizer(config, model)
         run.simplifier.start_epoch(epoch)
-    n_train = len(run.data.train_y)
-    n_steps = math.ceil(n_train / config.d_minibatch)
+    n_steps = math.ceil(run.task.n_train(run.data) / config.d_minibatch)
     eval_ends = part_ends(n_steps, config.evals_per_epoch)
     loss_ends = part_ends(n_steps, LOSS_PARTS)
     evals: list[dict[str, Any]] = []
     loss_parts: list[float] = []
     loss_sum = part_loss = 0.0
-    correct = part_examples = 0
+    correct = part_examples = seen = 0  # seen: predictions trained on (examples, or tokens)
     generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
     with time_linear_backward() as backward_clock:
-        batches = iterate_minibatches(run.data.train_x, run.data.train_y, config.d_minibatch, generator)
+        batches = run.task.batches(run.data, config.d_minibatch, generator)
         for step, (x, y) in enumerate(batches, start=1):
             if should_stop is not None and should_stop():
                 raise RunInterrupted(epoch - 1)
@@ -214,10 +211,12 @@ def _train_epoch(run: _Run, epoch: int, should_stop: Callable[[], bool] | None) 
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(epoch, step, loss_value, run.result)
-            summed = loss_value if config.loss_reduction == "sum" else loss_value * len(y)
+            count = run.task.count(y)
+            summed = loss_value if config.loss_reduction == "sum" else loss_value * count
             loss_sum += summed
             part_loss += summed
-            part_examples += len(y)
+            part_examples += count
+            seen += count
             correct += run.task.count_correct(output, y)
             if step in loss_ends:
                 loss_parts.append(part_loss / part_examples)
@@ -227,7 +226,7 @@ def _train_epoch(run: _Run, epoch: int, should_stop: Callable[[], bool] | None) 
     timings["linear_backward"] += backward_clock.seconds
     last = evals[-1]
     return {
-        "epoch": epoch, "train_loss": loss_sum / n_train, "train_acc": 100.0 * correct / n_train,
+        "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
         "train_loss_parts": loss_parts, "dev_loss": last["dev_loss"], "dev_acc": last["dev_acc"],
         "test_acc": last["test_acc"], "seconds": time.perf_counter() - epoch_start,
         **({"units": run.simplifier.active_units()} if run.simplifier is not None else {}),
@@ -246,10 +245,11 @@ def _save_run_checkpoint(run: _Run, path: Path, epoch: int) -> None:
     })
 
 
-def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = None,
+def train_run(config: Config, data: Any, log: Callable[[str], None] | None = None,
               checkpoint: Path | None = None, should_stop: Callable[[], bool] | None = None,
-              model_file: Path | None = None, task: Task = MNIST) -> RunResult:
-    """Train ``task``'s model for ``config`` on ``data``: the paper's test-group harness.
+              model_file: Path | None = None, task: Task | None = None) -> RunResult:
+    """Train ``task``'s model (default: the task ``config.task`` names) for ``config`` on ``data``
+    (what the task's ``load_data`` returned): the paper's test-group harness.
 
     ``torch.manual_seed(config.seed)`` precedes model construction, so every k of a sweep
     starts from the same weights; each epoch's data order depends only on the seed and the
@@ -277,6 +277,7 @@ def train_run(config: Config, data: Splits, log: Callable[[str], None] | None = 
     setting in force before is restored afterwards).
     """
     log = log or to_stderr
+    task = task or task_for(config)
     if config.threads is not None:
         torch.set_num_threads(config.threads)  # before the flush setting, which is per thread
     flushing_before = flushes_denormals()
