@@ -19,7 +19,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .ops import BIAS_GRADS, SELECTIONS, is_meprop_active
+from .kernels import cpu_kernels
+from .ops import BIAS_GRADS, SELECTIONS, is_meprop_active, values_to_dense
 
 GATES = 4
 
@@ -85,6 +86,7 @@ class _MePropLSTMFunction(torch.autograd.Function):
         dc = d_c_last if d_c_last is not None else torch.zeros_like(h0)
         d_pre = torch.empty_like(gates)  # the masked gate gradients, every step
         d_pre_full_sum = gates.new_zeros(GATES * hidden) if ctx.full_bias and active else None
+        kept_steps: list[torch.Tensor] = []
         for t in range(steps - 1, -1, -1):
             i, f, g, o = gates[t].split(hidden, dim=1)
             dh = dh + d_out[t]
@@ -98,6 +100,7 @@ class _MePropLSTMFunction(torch.autograd.Function):
                 if d_pre_full_sum is not None:
                     d_pre_full_sum += da.sum(dim=0)
                 kept = gate_selection(da, ctx.k, ctx.unified, ctx.selection)
+                kept_steps.append(kept)
                 values = da.gather(1, kept)
                 d_pre[t].zero_().scatter_(1, kept, values)
                 # the recurrence: only the 4k kept rows of W_hh (per example, or shared when unified)
@@ -112,12 +115,27 @@ class _MePropLSTMFunction(torch.autograd.Function):
         start = time.perf_counter()
         flat = d_pre.reshape(steps * n, GATES * hidden)
         previous_h = torch.cat((h0.unsqueeze(0), out[:-1])).reshape(steps * n, hidden)
-        dx = torch.matmul(d_pre, w_ih) if ctx.needs_input_grad[0] else None
-        dw_ih = flat.t().mm(x.reshape(steps * n, -1)) if ctx.needs_input_grad[3] else None
-        dw_hh = flat.t().mm(previous_h) if ctx.needs_input_grad[4] else None
+        kernels = cpu_kernels() if x.device.type == "cpu" else None
+        if active and not ctx.unified and kernels is not None:
+            # per example: the kept rows only, with the MLP's per-example kernel (4k rows per word)
+            given = torch.stack(kept_steps[::-1]).reshape(steps * n, -1).sort(dim=1).values
+            x_flat = x.reshape(steps * n, -1).contiguous()
+            dx, rows, w_ih_values, b_values = kernels.per_example_backward(
+                flat, x_flat, w_ih.contiguous(), given, given.shape[1], ctx.needs_input_grad[0], True)
+            dx = dx.reshape(steps, n, -1) if ctx.needs_input_grad[0] else None
+            _, _, w_hh_values, _ = kernels.per_example_backward(flat, previous_h, None, given, given.shape[1],
+                                                                False, True)
+            dw_ih = values_to_dense(rows, w_ih_values, w_ih.shape)
+            dw_hh = values_to_dense(rows, w_hh_values, w_hh.shape)
+            masked_db = values_to_dense(rows, b_values, (GATES * hidden,))
+        else:
+            dx = torch.matmul(d_pre, w_ih) if ctx.needs_input_grad[0] else None
+            dw_ih = flat.t().mm(x.reshape(steps * n, -1)) if ctx.needs_input_grad[3] else None
+            dw_hh = flat.t().mm(previous_h) if ctx.needs_input_grad[4] else None
+            masked_db = flat.sum(dim=0)
         db = None
         if ctx.has_bias:
-            db = d_pre_full_sum if d_pre_full_sum is not None else flat.sum(dim=0)
+            db = d_pre_full_sum if d_pre_full_sum is not None else masked_db
         linear_seconds += time.perf_counter() - start
         if clock is not None:
             clock.seconds += linear_seconds
