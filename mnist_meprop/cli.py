@@ -208,9 +208,11 @@ def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: in
 @click.option("--table", "table", default="all", show_default=True,
               metavar="1|2|3|4|5|6|fig4|mesimp|early|ablation|all[,...]",
               help="Which tables (and/or Figure 4, meSimp, the early-training figure, the ablation of the "
-                   "authors' details) to reproduce; comma-separated for several.")
-@click.option("--dataset", type=click.Choice(["sample", "mnist", "fashion-mnist", "idx"]), default="sample",
-              show_default=True)
+                   "authors' details) to reproduce; comma-separated for several. With --dataset ewt: the POS-"
+                   "tagging rows, 1|3|4|readme.")
+@click.option("--dataset", type=click.Choice(["sample", "mnist", "fashion-mnist", "idx", "ewt"]), default="sample",
+              show_default=True, help="MNIST-format images for the MLP tables, or ewt (UD English-EWT) for the "
+                                      "POS-tagging rows.")
 @click.option("--data-dir", metavar="DIR", help="Download folder, or the IDX folder for --dataset idx.")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="Seeds 1..N per row.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs per run (default: the paper's 20).")
@@ -227,14 +229,16 @@ def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int
                       threads: int | None, out: str | None, report_only: bool, executor_name: str,
                       address: str | None, cpus_per_run: int | None, gpus_per_run: float | None) -> None:
     """Re-run the paper's MNIST tables, Figure 4 and meSimp; print and write paper vs ours (REPORT.md, CSV, PNG)."""
-    from .reproduce import TABLES, reproduce
+    from .reproduce import reproduce, tables_for
 
+    tables = tables_for(dataset)
     chosen = [part.strip() for part in table.split(",") if part.strip()]
     if "all" in chosen:
-        chosen = list(TABLES)
-    unknown = [part for part in chosen if part not in TABLES]
+        chosen = list(tables)
+    unknown = [part for part in chosen if part not in tables]
     if unknown or not chosen:
-        _fail(f"--table: expected {', '.join(TABLES)} or all (comma-separated), got {table!r}")
+        _fail(f"--table: with --dataset {dataset} expected {', '.join(tables)} or all (comma-separated), "
+              f"got {table!r}")
     out_dir = Path(out) if out else Path("results") / f"reproduce-{dataset}{'-quick' if quick else ''}"
     command = "meprop " + " ".join(sys.argv[1:]) if sys.argv[1:] else "meprop reproduce"
     try:

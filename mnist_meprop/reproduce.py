@@ -1,4 +1,5 @@
-"""``meprop reproduce``: the paper's MNIST tables and Figure 4, paper numbers next to ours.
+"""``meprop reproduce``: the paper's MNIST tables and Figure 4 (and its POS-tagging rows on EWT), paper
+numbers next to ours.
 
 Each table is a YAML file in ``mnist_meprop/paper/`` (``configs/paper/`` in the repository):
 a base config, and rows that override it and carry the paper's numbers. All runs go through
@@ -31,6 +32,15 @@ from .store import latest_by_key, model_path, read_records, run_key
 from .train import LOSS_PARTS
 
 TABLES = ("1", "2", "3", "4", "5", "6", "fig4", "mesimp", "early", "ablation")
+# --dataset ewt reproduces the POS-tagging rows instead (paper/pos-*.yaml): Tables 1, 3, 4 and the
+# authors' README row.
+POS_TABLES = ("1", "3", "4", "readme")
+POS_DATASETS = ("ewt",)
+
+
+def tables_for(dataset: str) -> tuple[str, ...]:
+    """The tables ``meprop reproduce --dataset`` can reproduce: the POS rows for EWT, else MNIST's."""
+    return POS_TABLES if dataset in POS_DATASETS else TABLES
 # --quick: a few hundred examples, one epoch; enough to exercise every table and plot.
 QUICK = {"dev_size": 200, "train_limit": 400, "test_limit": 300, "n_epoch": 1}
 TIME_METRICS = {
@@ -80,8 +90,11 @@ AUTHORS_DATA = "authors-csharp.yaml"
 EARLY_EPOCHS = 3  # the early-training figure and the ablation's early-loss column cover the first 3 epochs
 
 
-def spec_path(name: str) -> Path:
-    return Path(str(resources.files("mnist_meprop") / "paper" / SPEC_FILES.get(name, f"table{name}.yaml")))
+def spec_path(name: str, dataset: str = "mnist") -> Path:
+    file = f"pos-{name}.yaml" if name == "readme" else f"pos-table{name}.yaml"
+    if dataset not in POS_DATASETS:
+        file = SPEC_FILES.get(name, f"table{name}.yaml")
+    return Path(str(resources.files("mnist_meprop") / "paper" / file))
 
 
 def authors_runs() -> dict[str, dict[str, Any]]:
@@ -103,8 +116,8 @@ def ablation_rows(data: dict[str, Any]) -> list[Row]:
     return rows
 
 
-def load_spec(name: str) -> TableSpec:
-    data = yaml.safe_load(spec_path(name).read_text(encoding="utf-8"))
+def load_spec(name: str, dataset: str = "mnist") -> TableSpec:
+    data = yaml.safe_load(spec_path(name, dataset).read_text(encoding="utf-8"))
     rows = [Row(r["label"], r.get("set", {}), r.get("paper", {}), r.get("baseline"),
                 reduced_from=r.get("reduced_from"), authors=r.get("authors"))
             for r in data.get("rows", [])]
@@ -131,6 +144,8 @@ def fig4_rows(spec: TableSpec) -> list[Row]:
 
 def data_settings(dataset: str, data_dir: str | None) -> dict[str, Any]:
     """Dataset keys: the paper's dev set of 5,000, or 1,000 for the 8,000-image bundled sample."""
+    if dataset in POS_DATASETS:  # EWT's own dev file
+        return {"dataset": dataset, **({"data_dir": data_dir} if data_dir is not None else {})}
     settings: dict[str, Any] = {"dataset": dataset, "dev_size": 1000 if dataset == "sample" else 5000}
     if data_dir is not None:
         settings["data_dir"] = data_dir
@@ -517,7 +532,7 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
     """
     log = log or to_stderr
     data = data_settings(dataset, data_dir)
-    specs = [load_spec(name) for name in tables]
+    specs = [load_spec(name, dataset) for name in tables]
     fig4_seeds = fig4_seeds or seeds
     fig4_epochs = fig4_epochs or epochs
     built = [(spec, build_configs(spec, data, list(range(1, (fig4_seeds if spec.name == "fig4" else seeds) + 1)),
@@ -544,6 +559,7 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
     env = environment()
     run_threads = sorted({by_key[run_key(c)]["env"]["threads"] for c in configs if run_key(c) in by_key})
     threads_text = " / ".join(map(str, run_threads)) if run_threads else str(env["threads"])
+    pos = dataset in POS_DATASETS
     sections = [
         "# meProp reproduction report",
         "",
@@ -553,13 +569,18 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
         + (f"; Figure 4: seeds 1-{fig4_seeds}, epochs {'1 (quick)' if quick else (fig4_epochs or 20)}"
            if "fig4" in [spec.name for spec in specs] and (fig4_seeds, fig4_epochs) != (seeds, epochs) else "")
         + (f"; quick subset: {QUICK['train_limit']} train / {QUICK['dev_size']} dev / {QUICK['test_limit']} test"
-           if quick else ""),
+           if quick and not pos else "")
+        + (f"; quick subset: the first {QUICK['train_limit']} train and {QUICK['test_limit']} dev and test sentences"
+           if quick and pos else ""),
         f"- torch {env['torch']}, {threads_text} thread(s) per run, {env['cpu']} ({env['cpu_count']} CPUs), "
         f"Python {env['python']}",
         "- accuracies: test accuracy (%) at the best dev epoch, mean ± std over seeds; times: speedup of the",
         "  row over its backprop baseline (absolute seconds depend on the machine, so the paper's are not compared)",
-        "- the authors' C# program's numbers come from its logs on this machine (`mnist_meprop/paper/authors-csharp.yaml`,",
-        "  with their provenance); its runs stopped after the number of epochs shown",
+        *(["- the authors' C# program's numbers come from its logs on this machine "
+           "(`mnist_meprop/paper/authors-csharp.yaml`,", "  with their provenance); its runs stopped after the number "
+           "of epochs shown"] if not pos else
+          ["- the paper's numbers are on WSJ (Penn Treebank), ours on UD English-EWT r2.16: compare ours with ours,",
+           "  backprop with meProp; the paper's accuracies and times are context"]),
         *([f"- **partial report**: {done} of {len(configs)} runs stored so far; the seeds column counts the runs "
            "behind each number and \"not run\" marks rows still to come"] if done < len(configs) else []),
         "",
