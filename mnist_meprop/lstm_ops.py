@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .kernels import cpu_kernels
-from .ops import BIAS_GRADS, SELECTIONS, is_meprop_active, values_to_dense
+from .ops import BIAS_GRADS, SELECTIONS, is_meprop_active
 
 GATES = 4
 
@@ -77,69 +77,72 @@ class _MePropLSTMFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_out, d_h_last, d_c_last):  # type: ignore[override]
         x, h0, w_ih, w_hh, out, cs, gates = ctx.saved_tensors
-        clock = ops._active_clock
-        linear_seconds = 0.0
         steps, n, hidden = out.shape
-        active = is_meprop_active(ctx.k, hidden)
         d_out = d_out if d_out is not None else torch.zeros_like(out)
         dh = d_h_last if d_h_last is not None else torch.zeros_like(h0)
         dc = d_c_last if d_c_last is not None else torch.zeros_like(h0)
-        d_pre = torch.empty_like(gates)  # the masked gate gradients, every step
-        d_pre_full_sum = gates.new_zeros(GATES * hidden) if ctx.full_bias and active else None
-        kept_steps: list[torch.Tensor] = []
-        for t in range(steps - 1, -1, -1):
-            i, f, g, o = gates[t].split(hidden, dim=1)
-            dh = dh + d_out[t]
-            tanh_c = cs[t + 1].tanh()
-            dc = dc + dh * o * (1 - tanh_c * tanh_c)
-            da = torch.cat((dc * g * i * (1 - i), dc * cs[t] * f * (1 - f), dc * i * (1 - g * g),
-                            dh * tanh_c * o * (1 - o)), dim=1)
-            dc = dc * f
-            start = time.perf_counter()
-            if active:
-                if d_pre_full_sum is not None:
-                    d_pre_full_sum += da.sum(dim=0)
-                kept = gate_selection(da, ctx.k, ctx.unified, ctx.selection)
-                kept_steps.append(kept)
-                values = da.gather(1, kept)
-                d_pre[t].zero_().scatter_(1, kept, values)
-                # the recurrence: only the 4k kept rows of W_hh (per example, or shared when unified)
-                if ctx.unified:
-                    dh = values.mm(w_hh.index_select(0, kept[0]))
-                else:
-                    dh = torch.bmm(values.unsqueeze(1), w_hh[kept]).squeeze(1)
-            else:
-                d_pre[t] = da
-                dh = da.mm(w_hh)
-            linear_seconds += time.perf_counter() - start
-        start = time.perf_counter()
-        flat = d_pre.reshape(steps * n, GATES * hidden)
-        previous_h = torch.cat((h0.unsqueeze(0), out[:-1])).reshape(steps * n, hidden)
+        previous_h = torch.cat((h0.unsqueeze(0), out[:-1]))
         kernels = cpu_kernels() if x.device.type == "cpu" else None
-        if active and not ctx.unified and kernels is not None:
-            # per example: the kept rows only, with the MLP's per-example kernel (4k rows per word)
-            given = torch.stack(kept_steps[::-1]).reshape(steps * n, -1).sort(dim=1).values
-            x_flat = x.reshape(steps * n, -1).contiguous()
-            dx, rows, w_ih_values, b_values = kernels.per_example_backward(
-                flat, x_flat, w_ih.contiguous(), given, given.shape[1], ctx.needs_input_grad[0], True)
-            dx = dx.reshape(steps, n, -1) if ctx.needs_input_grad[0] else None
-            _, _, w_hh_values, _ = kernels.per_example_backward(flat, previous_h, None, given, given.shape[1],
-                                                                False, True)
-            dw_ih = values_to_dense(rows, w_ih_values, w_ih.shape)
-            dw_hh = values_to_dense(rows, w_hh_values, w_hh.shape)
-            masked_db = values_to_dense(rows, b_values, (GATES * hidden,))
+        start = time.perf_counter()
+        if (is_meprop_active(ctx.k, hidden) and not ctx.unified and ctx.selection == "topk"
+                and kernels is not None):
+            # the whole sequence in one C++ call: each step costs what its 4k kept rows cost
+            dx, dh, dc, dw_ih, dw_hh, db_masked, db_full = kernels.lstm_per_example_backward(
+                gates, cs, previous_h.contiguous(), x.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
+                d_out.contiguous(), dh.contiguous(), dc.contiguous(), ctx.k, ctx.needs_input_grad[0])
+            linear_seconds = time.perf_counter() - start  # the gates' elementwise backward included
+            db = (db_full if ctx.full_bias else db_masked) if ctx.has_bias else None
         else:
-            dx = torch.matmul(d_pre, w_ih) if ctx.needs_input_grad[0] else None
-            dw_ih = flat.t().mm(x.reshape(steps * n, -1)) if ctx.needs_input_grad[3] else None
-            dw_hh = flat.t().mm(previous_h) if ctx.needs_input_grad[4] else None
-            masked_db = flat.sum(dim=0)
-        db = None
-        if ctx.has_bias:
-            db = d_pre_full_sum if d_pre_full_sum is not None else masked_db
-        linear_seconds += time.perf_counter() - start
-        if clock is not None:
-            clock.seconds += linear_seconds
+            dx, dh, dc, dw_ih, dw_hh, db, linear_seconds = _backward_through_time(
+                ctx, x, w_ih, w_hh, cs, gates, previous_h, d_out, dh, dc)
+        if ops._active_clock is not None:
+            ops._active_clock.seconds += linear_seconds
         return dx, dh, dc, dw_ih, dw_hh, db, (db.clone() if db is not None else None), None, None, None, None
+
+
+def _backward_through_time(ctx, x, w_ih, w_hh, cs, gates, previous_h, d_out, dh, dc):
+    """BPTT step by step with torch ops (unified or random selection, dense k, other devices).
+    Returns the gradients and the seconds spent in its linear parts."""
+    steps, n, width = gates.shape
+    hidden = width // GATES
+    active = is_meprop_active(ctx.k, hidden)
+    linear_seconds = 0.0
+    d_pre = torch.empty_like(gates)  # the masked gate gradients, every step
+    d_pre_full_sum = gates.new_zeros(width) if ctx.full_bias and active else None
+    for t in range(steps - 1, -1, -1):
+        i, f, g, o = gates[t].split(hidden, dim=1)
+        dh = dh + d_out[t]
+        tanh_c = cs[t + 1].tanh()
+        dc = dc + dh * o * (1 - tanh_c * tanh_c)
+        da = torch.cat((dc * g * i * (1 - i), dc * cs[t] * f * (1 - f), dc * i * (1 - g * g),
+                        dh * tanh_c * o * (1 - o)), dim=1)
+        dc = dc * f
+        start = time.perf_counter()
+        if active:
+            if d_pre_full_sum is not None:
+                d_pre_full_sum += da.sum(dim=0)
+            kept = gate_selection(da, ctx.k, ctx.unified, ctx.selection)
+            values = da.gather(1, kept)
+            d_pre[t].zero_().scatter_(1, kept, values)
+            # the recurrence: only the 4k kept rows of W_hh (per example, or shared when unified)
+            if ctx.unified:
+                dh = values.mm(w_hh.index_select(0, kept[0]))
+            else:
+                dh = torch.bmm(values.unsqueeze(1), w_hh[kept]).squeeze(1)
+        else:
+            d_pre[t] = da
+            dh = da.mm(w_hh)
+        linear_seconds += time.perf_counter() - start
+    start = time.perf_counter()
+    flat = d_pre.reshape(steps * n, width)
+    dx = torch.matmul(d_pre, w_ih) if ctx.needs_input_grad[0] else None
+    dw_ih = flat.t().mm(x.reshape(steps * n, -1)) if ctx.needs_input_grad[3] else None
+    dw_hh = flat.t().mm(previous_h.reshape(steps * n, hidden)) if ctx.needs_input_grad[4] else None
+    db = None
+    if ctx.has_bias:
+        db = d_pre_full_sum if d_pre_full_sum is not None else flat.sum(dim=0)
+    linear_seconds += time.perf_counter() - start
+    return dx, dh, dc, dw_ih, dw_hh, db, linear_seconds
 
 
 def meprop_lstm(x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor], w_ih: torch.Tensor, w_hh: torch.Tensor,

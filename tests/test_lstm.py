@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mnist_meprop import MePropLSTM, MePropLSTMCell, time_linear_backward
+import mnist_meprop.lstm_ops as lstm_ops
 from mnist_meprop.lstm_ops import meprop_lstm
 
 T, N, I, H = 6, 3, 5, 8
@@ -56,9 +57,19 @@ def gradients(outputs, tensors, seed=1):
     return torch.autograd.grad(loss, tensors)
 
 
+@pytest.fixture(params=["cpp", "torch"])
+def backend(request, monkeypatch):
+    """The compiled per-example BPTT (where it applies), or the step-by-step torch ops path."""
+    if request.param == "torch":
+        monkeypatch.setattr(lstm_ops, "cpu_kernels", lambda: None)
+    elif lstm_ops.cpu_kernels() is None:
+        pytest.skip("the C++ kernels are not built here")
+    return request.param
+
+
 @pytest.mark.parametrize("k,unified", [(0, False), (2, False), (3, True), (1, True), (7, False)])
 @pytest.mark.parametrize("full_bias", [False, True])
-def test_gradients_equal_the_dense_backward_of_the_masked_gate_gradients(k, unified, full_bias):
+def test_gradients_equal_the_dense_backward_of_the_masked_gate_gradients(k, unified, full_bias, backend):
     tensors = leaves()
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = tensors
     out, (h, c) = meprop_lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, k, unified,
@@ -81,7 +92,7 @@ def test_the_reference_is_not_the_dense_gradient():
 @pytest.mark.parametrize("unified", [False, True])
 def test_dropping_a_gate_or_the_recurrence_is_caught(unified, monkeypatch):
     """A selection over all 4H entries at once (not per gate) gives other gradients than the reference."""
-    import mnist_meprop.lstm_ops as lstm_ops
+    monkeypatch.setattr(lstm_ops, "cpu_kernels", lambda: None)  # the torch path, where the selection is
 
     def whole_width(da, k, unified, selection):
         scores = da.abs().sum(0, keepdim=True) if unified else da.abs()
@@ -137,7 +148,7 @@ def test_meprop_lstm_is_a_drop_in_nn_lstm():
 
 
 @pytest.mark.parametrize("unified", [False, True])
-def test_layer_backward_equals_the_masked_reference(unified):
+def test_layer_backward_equals_the_masked_reference(unified, backend):
     torch.manual_seed(4)
     layer = MePropLSTM(I, H, k=2, unified=unified, dtype=torch.float64)
     x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)

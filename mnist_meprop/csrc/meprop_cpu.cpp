@@ -803,6 +803,101 @@ std::vector<torch::Tensor> mlp_train_step(torch::Tensor x, torch::Tensor y, std:
   return {loss, logits, times};
 }
 
+// Back-propagation through time of a one-layer LSTM (gates i, f, g, o) keeping, for every example and
+// time step, the k entries of each gate's pre-activation gradient largest in magnitude (the first
+// ones among equal magnitudes). gates [T, N, 4H] hold i, f, g, o after their nonlinearities, cells
+// [T + 1, N, H] hold c_0 .. c_T, h_prev [T, N, H] and x [T, N, I] the inputs of each step. d_out
+// [T, N, H] is the gradient of the outputs, dh / dc [N, H] those of h_T and c_T. Returns {dx [T, N, I]
+// (or None), dh_0, dc_0, dW_ih, dW_hh, db (masked), db (full)}: one call for the whole sequence, the
+// work of each step proportional to k (the 4k kept rows of W_ih and W_hh), not to H.
+std::vector<torch::Tensor> lstm_per_example_backward(torch::Tensor gates, torch::Tensor cells, torch::Tensor h_prev,
+                                                     torch::Tensor x, torch::Tensor w_ih, torch::Tensor w_hh,
+                                                     torch::Tensor d_out, torch::Tensor dh_last, torch::Tensor dc_last,
+                                                     int64_t k, bool need_dx) {
+  for (const auto* t : {&gates, &cells, &h_prev, &x, &w_ih, &w_hh, &d_out, &dh_last, &dc_last})
+    TORCH_CHECK(t->is_contiguous(), "lstm_per_example_backward: inputs must be contiguous");
+  const int64_t steps = gates.size(0), n = gates.size(1), width = gates.size(2), hidden = width / 4;
+  const int64_t in = x.size(2);
+  TORCH_CHECK(k >= 1 && k <= hidden, "k must be in 1..hidden");
+  auto dh = dh_last.clone(), dc = dc_last.clone();
+  auto dw_ih = torch::zeros_like(w_ih), dw_hh = torch::zeros_like(w_hh);
+  auto db = torch::zeros({width}, gates.options()), db_full = torch::zeros({width}, gates.options());
+  torch::Tensor dx = need_dx ? torch::empty({steps, n, in}, gates.options()) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "meprop_lstm_backward", [&] {
+    const scalar_t* gp = gates.data_ptr<scalar_t>();
+    const scalar_t* cp = cells.data_ptr<scalar_t>();
+    const scalar_t* hp = h_prev.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wi = w_ih.data_ptr<scalar_t>();
+    const scalar_t* wh = w_hh.data_ptr<scalar_t>();
+    const scalar_t* dop = d_out.data_ptr<scalar_t>();
+    scalar_t* dhp = dh.data_ptr<scalar_t>();
+    scalar_t* dcp = dc.data_ptr<scalar_t>();
+    scalar_t* dwi = dw_ih.data_ptr<scalar_t>();
+    scalar_t* dwh = dw_hh.data_ptr<scalar_t>();
+    scalar_t* dbp = db.data_ptr<scalar_t>();
+    scalar_t* dbf = db_full.data_ptr<scalar_t>();
+    scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
+    std::vector<scalar_t> da(width), dh_new(hidden);
+    std::vector<int32_t> order(hidden), kept(4 * k);
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      for (int64_t e = 0; e < n; ++e) {
+        const int64_t row = t * n + e;
+        const scalar_t* gi = gp + row * width;
+        const scalar_t *ig = gi, *fg = gi + hidden, *gg = gi + 2 * hidden, *og = gi + 3 * hidden;
+        const scalar_t* c_prev = cp + row * hidden;  // c_{t-1}: cells[t]
+        const scalar_t* c_now = cp + (row + n) * hidden;  // c_t: cells[t + 1]
+        scalar_t* dhe = dhp + e * hidden;
+        scalar_t* dce = dcp + e * hidden;
+        const scalar_t* dout = dop + row * hidden;
+        for (int64_t j = 0; j < hidden; ++j) {
+          const scalar_t h_grad = dhe[j] + dout[j];
+          const scalar_t tanh_c = std::tanh(c_now[j]);
+          const scalar_t c_grad = dce[j] + h_grad * og[j] * (1 - tanh_c * tanh_c);
+          da[j] = c_grad * gg[j] * ig[j] * (1 - ig[j]);
+          da[hidden + j] = c_grad * c_prev[j] * fg[j] * (1 - fg[j]);
+          da[2 * hidden + j] = c_grad * ig[j] * (1 - gg[j] * gg[j]);
+          da[3 * hidden + j] = h_grad * tanh_c * og[j] * (1 - og[j]);
+          dce[j] = c_grad * fg[j];
+        }
+        for (int64_t j = 0; j < width; ++j) dbf[j] += da[j];
+        for (int64_t gate = 0; gate < 4; ++gate) {  // k largest |da| of the gate, ties to the lower index
+          const scalar_t* dg = da.data() + gate * hidden;
+          std::iota(order.begin(), order.end(), 0);
+          std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [dg](int32_t a, int32_t b) {
+            const scalar_t ma = std::abs(dg[a]), mb = std::abs(dg[b]);
+            return ma > mb || (ma == mb && a < b);
+          });
+          for (int64_t j = 0; j < k; ++j) kept[gate * k + j] = static_cast<int32_t>(gate * hidden + order[j]);
+        }
+        std::fill(dh_new.begin(), dh_new.end(), scalar_t(0));
+        const scalar_t* h_in = hp + row * hidden;
+        const scalar_t* x_in = xp + row * in;
+        scalar_t* dx_row = need_dx ? dxp + row * in : nullptr;
+        if (need_dx) std::fill(dx_row, dx_row + in, scalar_t(0));
+        for (int64_t j = 0; j < 4 * k; ++j) {
+          const int64_t r = kept[j];
+          const scalar_t v = da[r];
+          dbp[r] += v;
+          const scalar_t* __restrict__ whr = wh + r * hidden;
+          scalar_t* __restrict__ dwhr = dwh + r * hidden;
+          for (int64_t c = 0; c < hidden; ++c) {
+            dh_new[c] += v * whr[c];
+            dwhr[c] += v * h_in[c];
+          }
+          const scalar_t* __restrict__ wir = wi + r * in;
+          scalar_t* __restrict__ dwir = dwi + r * in;
+          for (int64_t c = 0; c < in; ++c) dwir[c] += v * x_in[c];
+          if (need_dx)
+            for (int64_t c = 0; c < in; ++c) dx_row[c] += v * wir[c];
+        }
+        std::copy(dh_new.begin(), dh_new.end(), dhe);
+      }
+    }
+  });
+  return {dx, dh, dc, dw_ih, dw_hh, db, db_full};
+}
+
 // Flush-to-zero and denormals-are-zero on this thread and on every thread of ATen's pool.
 // torch.set_flush_denormal sets them on the calling thread only, and a pool thread keeps the
 // floating-point mode it started with. Returns false where the CPU has no such mode.
@@ -831,4 +926,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_flush_denormal_all_threads", &set_flush_denormal_all_threads,
         "flush denormals to zero on every ATen thread (x86)");
   m.def("adagrad_rows", &adagrad_rows, "AdaGrad update of some rows (CPU)");
+  m.def("lstm_per_example_backward", &lstm_per_example_backward,
+        "BPTT of a one-layer LSTM keeping the top-k of each gate's gradient per example and step (CPU)");
 }
