@@ -80,16 +80,20 @@ class MePropLSTM(nn.LSTM):
     gradient (per example, or shared by the minibatch with ``unified``); see
     :mod:`mnist_meprop.lstm_ops`. ``k <= 0`` or ``k >= hidden_size`` is plain backprop: torch's
     own LSTM, except inside :func:`mnist_meprop.time_linear_backward`, where it runs the same
-    timed path as meProp.
+    timed path as meProp. ``sparse_grad=True`` gives the weights and biases row-sparse COO
+    gradients of the kept gate rows (per-example top-k on the CPU; see
+    :func:`mnist_meprop.lstm_ops.meprop_lstm`), for the row-sparse optimizers of
+    :mod:`mnist_meprop.optim`.
     """
 
     def __init__(self, input_size: int, hidden_size: int, k: int, unified: bool = False, selection: str = "topk",
-                 bias: bool = True, batch_first: bool = False, bias_grad: str = "masked",
+                 bias: bool = True, batch_first: bool = False, bias_grad: str = "masked", sparse_grad: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         _check_choices(selection, bias_grad)
         super().__init__(input_size, hidden_size, num_layers=1, bias=bias, batch_first=batch_first,
                          device=device, dtype=dtype)
         self.k, self.unified, self.selection, self.bias_grad = int(k), bool(unified), selection, bias_grad
+        self.sparse_grad = bool(sparse_grad)
 
     @property
     def meprop_active(self) -> bool:
@@ -111,7 +115,7 @@ class MePropLSTM(nn.LSTM):
             hx = tuple(state.reshape(x.shape[1], self.hidden_size) for state in hx)
         out, (h, c) = meprop_lstm(x, hx, self.weight_ih_l0, self.weight_hh_l0, getattr(self, "bias_ih_l0", None),
                                   getattr(self, "bias_hh_l0", None), self.k, self.unified, self.selection,
-                                  self.bias_grad)
+                                  self.bias_grad, self.sparse_grad)
         if self.batch_first and batched:
             out = out.transpose(0, 1)
         if not batched:

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .kernels import cpu_kernels
-from .ops import BIAS_GRADS, SELECTIONS, is_meprop_active
+from .ops import BIAS_GRADS, SELECTIONS, accumulate_sparse, is_meprop_active, values_to_dense
 
 GATES = 4
 
@@ -50,7 +50,7 @@ class _MePropLSTMFunction(torch.autograd.Function):
     """Forward and back-propagation through time of a one-layer LSTM, time-major ``x [T, N, I]``."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, k, unified, selection, full_bias):  # type: ignore[override]
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, k, unified, selection, full_bias, sparse_grad):  # type: ignore[override]
         steps = x.shape[0]
         hidden = w_hh.shape[1]
         pre = torch.matmul(x, w_ih.t())  # the input part of every step at once: [T, N, 4H]
@@ -71,6 +71,8 @@ class _MePropLSTMFunction(torch.autograd.Function):
         ctx.save_for_backward(x, h0, w_ih, w_hh, out, torch.stack(cs), torch.stack(gates))
         ctx.k, ctx.unified, ctx.selection, ctx.full_bias = k, unified, selection, full_bias
         ctx.has_bias = b_ih is not None
+        # Row-sparse gradients are written straight into .grad, as meprop_linear does with sparse_grad.
+        ctx.sparse_params = (w_ih, w_hh, b_ih, b_hh) if sparse_grad else None
         return out, h, c
 
     @staticmethod
@@ -87,17 +89,29 @@ class _MePropLSTMFunction(torch.autograd.Function):
         if (is_meprop_active(ctx.k, hidden) and not ctx.unified and ctx.selection == "topk"
                 and kernels is not None):
             # the whole sequence in one C++ call: each step costs what its 4k kept rows cost
-            dx, dh, dc, dw_ih, dw_hh, db_masked, db_full = kernels.lstm_per_example_backward(
-                gates, cs, previous_h.contiguous(), x.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
+            dx, dh, dc, rows, w_ih_values, w_hh_values, b_values, db_full = kernels.lstm_per_example_backward(
+                gates, cs, cs[1:].tanh(), previous_h.contiguous(), x.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
                 d_out.contiguous(), dh.contiguous(), dc.contiguous(), ctx.k, ctx.needs_input_grad[0])
+            if ctx.sparse_params is not None:
+                w_ih_param, w_hh_param, b_ih_param, b_hh_param = ctx.sparse_params
+                accumulate_sparse(w_ih_param, rows, w_ih_values)
+                accumulate_sparse(w_hh_param, rows, w_hh_values)
+                if ctx.has_bias and not ctx.full_bias:
+                    accumulate_sparse(b_ih_param, rows, b_values)
+                    accumulate_sparse(b_hh_param, rows, b_values.clone())
+                dw_ih = dw_hh = None
+                db = db_full if ctx.has_bias and ctx.full_bias else None
+            else:
+                dw_ih = values_to_dense(rows, w_ih_values, w_ih.shape)
+                dw_hh = values_to_dense(rows, w_hh_values, w_hh.shape)
+                db = (db_full if ctx.full_bias else values_to_dense(rows, b_values, db_full.shape)) if ctx.has_bias else None
             linear_seconds = time.perf_counter() - start  # the gates' elementwise backward included
-            db = (db_full if ctx.full_bias else db_masked) if ctx.has_bias else None
         else:
             dx, dh, dc, dw_ih, dw_hh, db, linear_seconds = _backward_through_time(
                 ctx, x, w_ih, w_hh, cs, gates, previous_h, d_out, dh, dc)
         if ops._active_clock is not None:
             ops._active_clock.seconds += linear_seconds
-        return dx, dh, dc, dw_ih, dw_hh, db, (db.clone() if db is not None else None), None, None, None, None
+        return dx, dh, dc, dw_ih, dw_hh, db, (db.clone() if db is not None else None), None, None, None, None, None
 
 
 def _backward_through_time(ctx, x, w_ih, w_hh, cs, gates, previous_h, d_out, dh, dc):
@@ -147,7 +161,7 @@ def _backward_through_time(ctx, x, w_ih, w_hh, cs, gates, previous_h, d_out, dh,
 
 def meprop_lstm(x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor], w_ih: torch.Tensor, w_hh: torch.Tensor,
                 b_ih: torch.Tensor | None, b_hh: torch.Tensor | None, k: int, unified: bool = False,
-                selection: str = "topk", bias_grad: str = "masked"
+                selection: str = "topk", bias_grad: str = "masked", sparse_grad: bool = False
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """A one-layer LSTM over time-major ``x [T, N, I]`` from ``hx = (h0, c0)`` (each ``[N, H]``),
     with torch's parameter layout (``w_ih [4H, I]``, ``w_hh [4H, H]``, gates i, f, g, o).
@@ -156,11 +170,15 @@ def meprop_lstm(x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor], w_ih: to
     entries of each gate's pre-activation gradient per time step (see the module docstring);
     ``k <= 0`` or ``k >= H`` is ordinary back-propagation through time, through the same code.
     ``bias_grad="full"`` gives the biases the gradient of the unmasked gates, as the authors' code.
+    ``sparse_grad=True`` (per-example top-k on the CPU with the compiled kernels) adds the weights'
+    and masked biases' gradients to their ``.grad`` as row-sparse COO tensors of the kept gate rows,
+    as :func:`mnist_meprop.meprop_linear` does, so no weight-sized gradient is written; elsewhere
+    the gradients are dense.
     """
     if bias_grad not in BIAS_GRADS:
         raise ValueError(f"bias_grad must be one of {BIAS_GRADS}, got {bias_grad!r}")
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     out, h, c = _MePropLSTMFunction.apply(x, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, int(k), bool(unified),
-                                          selection, bias_grad == "full")
+                                          selection, bias_grad == "full", bool(sparse_grad))
     return out, (h, c)

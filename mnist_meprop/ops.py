@@ -126,9 +126,9 @@ class _MePropLinearFunction(torch.autograd.Function):
             if ctx.sparse_params is not None:
                 weight_param, bias_param = ctx.sparse_params
                 if needs_dw:
-                    _accumulate_sparse(weight_param, rows, w_values)
+                    accumulate_sparse(weight_param, rows, w_values)
                 if needs_db and not ctx.full_bias:
-                    _accumulate_sparse(bias_param, rows, b_values)
+                    accumulate_sparse(bias_param, rows, b_values)
                 dw, db = None, full_db
             else:
                 dw = values_to_dense(rows, w_values, ctx.weight_shape) if needs_dw else None
@@ -151,7 +151,7 @@ def values_to_dense(rows: torch.Tensor, values: torch.Tensor, shape) -> torch.Te
     return values.new_zeros(shape).index_copy_(0, rows, values)
 
 
-def _accumulate_sparse(param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+def accumulate_sparse(param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
     """``param.grad += `` the row-sparse gradient, as a sparse COO tensor (what backward() would do)."""
     grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, param.shape, is_coalesced=True,
                                    check_invariants=False)

@@ -35,7 +35,7 @@ from torch import nn
 
 from .config import Config
 from .kernels import cpu_kernels
-from .layers import MePropLinear
+from .layers import MePropLinear, MePropLSTM
 
 ADAM_EPS, ADAGRAD_EPS = 1e-8, 1e-6  # the paper's values
 
@@ -336,7 +336,7 @@ def sparse_grad_params(model: nn.Module) -> list[torch.Tensor]:
     layout of the optimizer's state) stays the same when meSimp shrinks a layer to k units or fewer.
     """
     return [param for layer in model.modules()
-            if isinstance(layer, MePropLinear) and layer.sparse_grad and layer.k > 0
+            if isinstance(layer, (MePropLinear, MePropLSTM)) and layer.sparse_grad and layer.k > 0
             for param in layer.parameters()]
 
 

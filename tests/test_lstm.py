@@ -187,3 +187,39 @@ def test_bad_choices_are_errors():
         MePropLSTM(I, H, k=2, selection="best")
     with pytest.raises(ValueError, match="bias_grad"):
         MePropLSTMCell(I, H, k=2, bias_grad="half")
+
+
+@pytest.mark.parametrize("bias_grad", ["masked", "full"])
+def test_sparse_grad_gives_row_sparse_gradients_equal_to_the_reference(bias_grad):
+    if lstm_ops.cpu_kernels() is None:
+        pytest.skip("row-sparse LSTM gradients come from the C++ kernels")
+    torch.manual_seed(7)
+    layer = MePropLSTM(I, H, k=2, sparse_grad=True, bias_grad=bias_grad, dtype=torch.float64)
+    x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
+    out, _ = layer(x)
+    (out ** 2).sum().backward()
+    assert layer.weight_ih_l0.grad.is_sparse and layer.weight_hh_l0.grad.is_sparse
+    assert layer.bias_ih_l0.grad.is_sparse == (bias_grad == "masked")
+    touched = layer.weight_hh_l0.grad.coalesce()._indices()[0]
+    assert len(touched) < 4 * H  # only gate rows kept at some step
+    zeros = torch.zeros(N, H, dtype=torch.float64)
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    x_ref = x.detach().clone().requires_grad_()
+    reference, _, _ = reference_lstm(x_ref, zeros, zeros, *params, 2, False, full_bias=bias_grad == "full")
+    (reference ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for parameter, expected in zip(layer.parameters(), params):
+        grad = parameter.grad.to_dense() if parameter.grad.is_sparse else parameter.grad
+        torch.testing.assert_close(grad, expected.grad)
+
+
+def test_lstm_bench_times_every_model_against_stock():
+    from mnist_meprop.bench_lstm import lstm_markdown, run_lstm_bench
+
+    records = run_lstm_bench(ks=(4,), d_hidden=32, words=5, rounds=3, steps=2, warmup=1)
+    assert [(r.model, r.k) for r in records] == [("stock", 0), ("ours_k0", 0), ("meprop", 4)]
+    stock, ours, meprop = records
+    assert stock.step_speedup is None and stock.lstm_linear_backward_us is None
+    assert ours.lstm_linear_backward_us > 0 and meprop.flop_limit == 8.0
+    assert meprop.lstm_linear_backward_speedup_vs_ours_k0 > 0 and meprop.lstm_backward_speedup > 0
+    assert "LSTM linear bwd vs ours_k0" in lstm_markdown(records)

@@ -806,26 +806,30 @@ std::vector<torch::Tensor> mlp_train_step(torch::Tensor x, torch::Tensor y, std:
 // Back-propagation through time of a one-layer LSTM (gates i, f, g, o) keeping, for every example and
 // time step, the k entries of each gate's pre-activation gradient largest in magnitude (the first
 // ones among equal magnitudes). gates [T, N, 4H] hold i, f, g, o after their nonlinearities, cells
-// [T + 1, N, H] hold c_0 .. c_T, h_prev [T, N, H] and x [T, N, I] the inputs of each step. d_out
+// [T + 1, N, H] hold c_0 .. c_T and tanh_cells [T, N, H] tanh(c_1 .. c_T) (computed vectorised by the
+// caller), h_prev [T, N, H] and x [T, N, I] the inputs of each step. d_out
 // [T, N, H] is the gradient of the outputs, dh / dc [N, H] those of h_T and c_T. Returns {dx [T, N, I]
-// (or None), dh_0, dc_0, dW_ih, dW_hh, db (masked), db (full)}: one call for the whole sequence, the
-// work of each step proportional to k (the 4k kept rows of W_ih and W_hh), not to H.
-std::vector<torch::Tensor> lstm_per_example_backward(torch::Tensor gates, torch::Tensor cells, torch::Tensor h_prev,
-                                                     torch::Tensor x, torch::Tensor w_ih, torch::Tensor w_hh,
-                                                     torch::Tensor d_out, torch::Tensor dh_last, torch::Tensor dc_last,
-                                                     int64_t k, bool need_dx) {
-  for (const auto* t : {&gates, &cells, &h_prev, &x, &w_ih, &w_hh, &d_out, &dh_last, &dc_last})
+// (or None), dh_0, dc_0, rows [r] (sorted: the gate rows kept at some step), their dW_ih [r, I],
+// dW_hh [r, H] and masked db [r], and the full db [4H]}: one call for the whole sequence, the work of
+// each step proportional to k (the 4k kept rows of W_ih and W_hh), not to H, and no dense
+// weight-sized gradient written.
+std::vector<torch::Tensor> lstm_per_example_backward(torch::Tensor gates, torch::Tensor cells, torch::Tensor tanh_cells,
+                                                     torch::Tensor h_prev, torch::Tensor x, torch::Tensor w_ih,
+                                                     torch::Tensor w_hh, torch::Tensor d_out, torch::Tensor dh_last,
+                                                     torch::Tensor dc_last, int64_t k, bool need_dx) {
+  for (const auto* t : {&gates, &cells, &tanh_cells, &h_prev, &x, &w_ih, &w_hh, &d_out, &dh_last, &dc_last})
     TORCH_CHECK(t->is_contiguous(), "lstm_per_example_backward: inputs must be contiguous");
   const int64_t steps = gates.size(0), n = gates.size(1), width = gates.size(2), hidden = width / 4;
   const int64_t in = x.size(2);
   TORCH_CHECK(k >= 1 && k <= hidden, "k must be in 1..hidden");
   auto dh = dh_last.clone(), dc = dc_last.clone();
-  auto dw_ih = torch::zeros_like(w_ih), dw_hh = torch::zeros_like(w_hh);
-  auto db = torch::zeros({width}, gates.options()), db_full = torch::zeros({width}, gates.options());
+  auto db_full = torch::zeros({width}, gates.options());
   torch::Tensor dx = need_dx ? torch::empty({steps, n, in}, gates.options()) : torch::Tensor();
+  torch::Tensor rows, w_ih_values, w_hh_values, b_values;
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "meprop_lstm_backward", [&] {
     const scalar_t* gp = gates.data_ptr<scalar_t>();
     const scalar_t* cp = cells.data_ptr<scalar_t>();
+    const scalar_t* tcp = tanh_cells.data_ptr<scalar_t>();
     const scalar_t* hp = h_prev.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wi = w_ih.data_ptr<scalar_t>();
@@ -833,26 +837,30 @@ std::vector<torch::Tensor> lstm_per_example_backward(torch::Tensor gates, torch:
     const scalar_t* dop = d_out.data_ptr<scalar_t>();
     scalar_t* dhp = dh.data_ptr<scalar_t>();
     scalar_t* dcp = dc.data_ptr<scalar_t>();
-    scalar_t* dwi = dw_ih.data_ptr<scalar_t>();
-    scalar_t* dwh = dw_hh.data_ptr<scalar_t>();
-    scalar_t* dbp = db.data_ptr<scalar_t>();
     scalar_t* dbf = db_full.data_ptr<scalar_t>();
     scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
-    std::vector<scalar_t> da(width), dh_new(hidden);
+    std::vector<scalar_t> da(width), magnitude(hidden), dh_new(hidden);
     std::vector<int32_t> order(hidden), kept(4 * k);
+    // Row-sparse weight gradients: a gate row gets a slot the first time it is kept.
+    std::vector<int32_t> slot(width, -1), touched;
+    std::vector<scalar_t> gi_rows, gh_rows, gb_rows;
+    const int64_t most_rows = std::min<int64_t>(width, steps * n * 4 * k);
+    gi_rows.reserve(most_rows * in);  // grown a row at a time below, never reallocated
+    gh_rows.reserve(most_rows * hidden);
+    gb_rows.reserve(most_rows);
     for (int64_t t = steps - 1; t >= 0; --t) {
       for (int64_t e = 0; e < n; ++e) {
         const int64_t row = t * n + e;
         const scalar_t* gi = gp + row * width;
         const scalar_t *ig = gi, *fg = gi + hidden, *gg = gi + 2 * hidden, *og = gi + 3 * hidden;
         const scalar_t* c_prev = cp + row * hidden;  // c_{t-1}: cells[t]
-        const scalar_t* c_now = cp + (row + n) * hidden;  // c_t: cells[t + 1]
+        const scalar_t* tanh_now = tcp + row * hidden;  // tanh(c_t)
         scalar_t* dhe = dhp + e * hidden;
         scalar_t* dce = dcp + e * hidden;
         const scalar_t* dout = dop + row * hidden;
         for (int64_t j = 0; j < hidden; ++j) {
           const scalar_t h_grad = dhe[j] + dout[j];
-          const scalar_t tanh_c = std::tanh(c_now[j]);
+          const scalar_t tanh_c = tanh_now[j];
           const scalar_t c_grad = dce[j] + h_grad * og[j] * (1 - tanh_c * tanh_c);
           da[j] = c_grad * gg[j] * ig[j] * (1 - ig[j]);
           da[hidden + j] = c_grad * c_prev[j] * fg[j] * (1 - fg[j]);
@@ -863,12 +871,29 @@ std::vector<torch::Tensor> lstm_per_example_backward(torch::Tensor gates, torch:
         for (int64_t j = 0; j < width; ++j) dbf[j] += da[j];
         for (int64_t gate = 0; gate < 4; ++gate) {  // k largest |da| of the gate, ties to the lower index
           const scalar_t* dg = da.data() + gate * hidden;
-          std::iota(order.begin(), order.end(), 0);
-          std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [dg](int32_t a, int32_t b) {
-            const scalar_t ma = std::abs(dg[a]), mb = std::abs(dg[b]);
-            return ma > mb || (ma == mb && a < b);
-          });
-          for (int64_t j = 0; j < k; ++j) kept[gate * k + j] = static_cast<int32_t>(gate * hidden + order[j]);
+          for (int64_t j = 0; j < hidden; ++j) magnitude[j] = std::abs(dg[j]);
+          int32_t* best = kept.data() + gate * k;
+          if (k <= 32) {  // a sorted list of the k best so far: one comparison for most entries
+            int64_t filled = 0;
+            for (int32_t j = 0; j < hidden; ++j) {
+              const scalar_t m = magnitude[j];
+              if (filled == k && !(m > magnitude[best[k - 1]])) continue;
+              int64_t at = filled < k ? filled++ : k - 1;
+              while (at > 0 && m > magnitude[best[at - 1]]) {
+                best[at] = best[at - 1];
+                --at;
+              }
+              best[at] = j;
+            }
+          } else {
+            std::iota(order.begin(), order.end(), 0);
+            const scalar_t* mg = magnitude.data();
+            std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [mg](int32_t a, int32_t b) {
+              return mg[a] > mg[b] || (mg[a] == mg[b] && a < b);
+            });
+            std::copy_n(order.begin(), k, best);
+          }
+          for (int64_t j = 0; j < k; ++j) best[j] += static_cast<int32_t>(gate * hidden);
         }
         std::fill(dh_new.begin(), dh_new.end(), scalar_t(0));
         const scalar_t* h_in = hp + row * hidden;
@@ -876,17 +901,24 @@ std::vector<torch::Tensor> lstm_per_example_backward(torch::Tensor gates, torch:
         scalar_t* dx_row = need_dx ? dxp + row * in : nullptr;
         if (need_dx) std::fill(dx_row, dx_row + in, scalar_t(0));
         for (int64_t j = 0; j < 4 * k; ++j) {
-          const int64_t r = kept[j];
+          const int32_t r = kept[j];
+          if (slot[r] < 0) {
+            slot[r] = static_cast<int32_t>(touched.size());
+            touched.push_back(r);
+            gi_rows.resize(touched.size() * in, scalar_t(0));
+            gh_rows.resize(touched.size() * hidden, scalar_t(0));
+            gb_rows.push_back(scalar_t(0));
+          }
           const scalar_t v = da[r];
-          dbp[r] += v;
+          gb_rows[slot[r]] += v;
           const scalar_t* __restrict__ whr = wh + r * hidden;
-          scalar_t* __restrict__ dwhr = dwh + r * hidden;
+          scalar_t* __restrict__ dwhr = gh_rows.data() + static_cast<int64_t>(slot[r]) * hidden;
           for (int64_t c = 0; c < hidden; ++c) {
             dh_new[c] += v * whr[c];
             dwhr[c] += v * h_in[c];
           }
           const scalar_t* __restrict__ wir = wi + r * in;
-          scalar_t* __restrict__ dwir = dwi + r * in;
+          scalar_t* __restrict__ dwir = gi_rows.data() + static_cast<int64_t>(slot[r]) * in;
           for (int64_t c = 0; c < in; ++c) dwir[c] += v * x_in[c];
           if (need_dx)
             for (int64_t c = 0; c < in; ++c) dx_row[c] += v * wir[c];
@@ -894,8 +926,25 @@ std::vector<torch::Tensor> lstm_per_example_backward(torch::Tensor gates, torch:
         std::copy(dh_new.begin(), dh_new.end(), dhe);
       }
     }
+    std::vector<int32_t> sorted(touched);
+    std::sort(sorted.begin(), sorted.end());
+    const int64_t r_count = static_cast<int64_t>(sorted.size());
+    rows = torch::empty({r_count}, gates.options().dtype(torch::kLong));
+    w_ih_values = torch::empty({r_count, in}, gates.options());
+    w_hh_values = torch::empty({r_count, hidden}, gates.options());
+    b_values = torch::empty({r_count}, gates.options());
+    int64_t* rp = rows.data_ptr<int64_t>();
+    scalar_t *vi = w_ih_values.data_ptr<scalar_t>(), *vh = w_hh_values.data_ptr<scalar_t>();
+    scalar_t* vb = b_values.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < r_count; ++i) {
+      const int64_t from = slot[sorted[i]];
+      rp[i] = sorted[i];
+      std::copy_n(gi_rows.data() + from * in, in, vi + i * in);
+      std::copy_n(gh_rows.data() + from * hidden, hidden, vh + i * hidden);
+      vb[i] = gb_rows[from];
+    }
   });
-  return {dx, dh, dc, dw_ih, dw_hh, db, db_full};
+  return {dx, dh, dc, rows, w_ih_values, w_hh_values, b_values, db_full};
 }
 
 // Flush-to-zero and denormals-are-zero on this thread and on every thread of ATen's pool.
