@@ -305,7 +305,7 @@ def _median_of(subject: _Subject, phase: str) -> float:
     return statistics.median(r[phase] for r in subject.rounds)
 
 
-def _ratio(base: _Subject, subject: _Subject, phase: str) -> tuple[float, float]:
+def ratio_of_rounds(base: Any, subject: Any, phase: str) -> tuple[float, float]:
     """Median of the per-round ratios base / subject for ``phase``, and their spread (IQR / median)."""
     ratios = sorted(b[phase] / s[phase] for b, s in zip(base.rounds, subject.rounds))
     middle = statistics.median(ratios)
@@ -322,14 +322,14 @@ def _record(d_hidden: int, batch: int, subject: _Subject, stock: _Subject, ours_
                          engine="stock" if subject is stock else ("fused" if subject.fused is not None else "autograd"))
     if subject is stock:
         return record
-    lb, lb_spread = _ratio(stock, subject, "linear_backward")
-    step, step_spread = _ratio(stock, subject, "step")
+    lb, lb_spread = ratio_of_rounds(stock, subject, "linear_backward")
+    step, step_spread = ratio_of_rounds(stock, subject, "step")
     record.linear_backward_speedup, record.linear_backward_speedup_spread = round(lb, 2), round(lb_spread, 3)
     record.step_speedup, record.step_speedup_spread = round(step, 2), round(step_spread, 3)
-    record.backward_speedup = round(_ratio(stock, subject, "backward")[0], 2)
+    record.backward_speedup = round(ratio_of_rounds(stock, subject, "backward")[0], 2)
     record.noisy = max(lb_spread, step_spread) > NOISY_SPREAD
     if ours_dense is not None:
-        record.step_speedup_vs_engine_dense = round(_ratio(ours_dense, subject, "step")[0], 2)
+        record.step_speedup_vs_engine_dense = round(ratio_of_rounds(ours_dense, subject, "step")[0], 2)
     if subject.mode in ("unified", "per_example"):
         record.flop_limit = round(flop_limit(D_INPUT, d_hidden, N_CLASSES, subject.k), 2)
         record.pct_of_flop_limit = round(100 * lb / record.flop_limit, 1)

@@ -170,8 +170,10 @@ def sweep(config_path: str | None, k_list: str, seeds: str | None, overrides: tu
 @click.option("--engine", type=click.Choice(["fused", "autograd"]), default="fused", show_default=True,
               help="How our models (ours_k0 and meProp) train: the fused step where it supports the setting, "
                    "or autograd.")
+@click.option("--lstm", is_flag=True, help="Instead: the POS tagger's LSTM, per sentence (stock, ours k=0, "
+              "meProp k=5/10/20).")
 def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: int | None, repeats: int | None,
-          rounds: int, optimizer: str, device: str, engine: str) -> None:
+          rounds: int, optimizer: str, device: str, engine: str, lstm: bool) -> None:
     """Time forward, linear backward, backward, update and full step: meProp vs nn.Linear, against a bound."""
     import json
 
@@ -184,6 +186,19 @@ def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: in
         header = environment_line(optimizer, device)
     except MePropError as error:
         _fail(error)
+    if lstm:
+        from .bench_lstm import lstm_as_dicts, lstm_markdown, run_lstm_bench
+
+        header = environment_line("adam", "cpu")
+        click.echo(f"meprop bench --lstm: {header}; medians in microseconds", err=True)
+        records = run_lstm_bench(rounds=rounds, steps=repeats or 20)
+        click.echo(f"# meprop bench --lstm\n\n{header}; the POS tagger (190 inputs, LSTM 500, 49 tags), one "
+                   f"sentence of 20 words per step; medians in µs over {rounds} interleaved rounds; speedups: "
+                   f"median of per-round ratios (* spread above 10%)\n\n{lstm_markdown(records)}")
+        if json_path:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps({"environment": header, "records": lstm_as_dicts(records)}, indent=1))
+        return
     click.echo(f"meprop bench{' --quick' if quick else ''}: {header}; medians in microseconds", err=True)
     lines: list[str] = []
 
