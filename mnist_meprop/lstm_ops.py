@@ -56,29 +56,34 @@ class _MePropLSTMFunction(torch.autograd.Function):
         pre = torch.matmul(x, w_ih.t())  # the input part of every step at once: [T, N, 4H]
         if b_ih is not None:
             pre = pre + (b_ih + b_hh)
-        h, c = h0, c0
-        hs, cs, gates = [], [c0], []
+        n = x.shape[1]
+        # every step writes into these (few ops per step: the loop's cost is per op, not arithmetic)
+        gates = x.new_empty(steps, n, GATES * hidden)  # i, f, g, o after their nonlinearities
+        cs = x.new_empty(steps + 1, n, hidden)  # c_0 .. c_T
+        tanh_cs = x.new_empty(steps, n, hidden)  # tanh(c_1) .. tanh(c_T), for the backward too
+        out = x.new_empty(steps, n, hidden)
+        cs[0] = c0
+        h = h0
         for t in range(steps):
+            step_gates = gates[t]
             a = torch.addmm(pre[t], h, w_hh.t())
-            i, f, g, o = a.split(hidden, dim=1)
-            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-            c = torch.addcmul(f * c, i, g)
-            h = o * c.tanh()
-            hs.append(h)
-            cs.append(c)
-            gates.append(torch.cat((i, f, g, o), dim=1))
-        out = torch.stack(hs)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, out, torch.stack(cs), torch.stack(gates))
+            torch.sigmoid(a, out=step_gates)
+            torch.tanh(a[:, 2 * hidden:3 * hidden], out=step_gates[:, 2 * hidden:3 * hidden])
+            i, f, g, o = step_gates.split(hidden, dim=1)
+            torch.addcmul(f * cs[t], i, g, out=cs[t + 1])
+            torch.tanh(cs[t + 1], out=tanh_cs[t])
+            h = torch.mul(o, tanh_cs[t], out=out[t])
+        ctx.save_for_backward(x, h0, w_ih, w_hh, out, cs, gates, tanh_cs)
         ctx.k, ctx.unified, ctx.selection, ctx.full_bias = k, unified, selection, full_bias
         ctx.has_bias = b_ih is not None
         # Row-sparse gradients are written straight into .grad, as meprop_linear does with sparse_grad.
         ctx.sparse_params = (w_ih, w_hh, b_ih, b_hh) if sparse_grad else None
-        return out, h, c
+        return out, h.clone(), cs[steps].clone()  # not views of the saved buffers
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_h_last, d_c_last):  # type: ignore[override]
-        x, h0, w_ih, w_hh, out, cs, gates = ctx.saved_tensors
+        x, h0, w_ih, w_hh, out, cs, gates, tanh_cs = ctx.saved_tensors
         steps, n, hidden = out.shape
         d_out = d_out if d_out is not None else torch.zeros_like(out)
         dh = d_h_last if d_h_last is not None else torch.zeros_like(h0)
@@ -90,7 +95,7 @@ class _MePropLSTMFunction(torch.autograd.Function):
                 and kernels is not None):
             # the whole sequence in one C++ call: each step costs what its 4k kept rows cost
             dx, dh, dc, rows, w_ih_values, w_hh_values, b_values, db_full = kernels.lstm_per_example_backward(
-                gates, cs, cs[1:].tanh(), previous_h.contiguous(), x.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
+                gates, cs, tanh_cs, previous_h.contiguous(), x.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
                 d_out.contiguous(), dh.contiguous(), dc.contiguous(), ctx.k, ctx.needs_input_grad[0])
             if ctx.sparse_params is not None:
                 w_ih_param, w_hh_param, b_ih_param, b_hh_param = ctx.sparse_params
