@@ -1,0 +1,141 @@
+"""Arc-standard parsing: the oracle rebuilds every projective tree, features of a hand-checked
+configuration, greedy parsing and attachment scores on tiny made-up treebanks."""
+
+import random
+
+import pytest
+
+from mnist_meprop.conllu import Sentence
+from mnist_meprop.parsing import (NULL, ROOT_TOKEN, SHIFT, Configuration, attachment_scores, feature_tokens,
+                                  features, is_projective, oracle, parse, transitions)
+
+
+def sentence(words, heads, relations=None, upos=None) -> Sentence:
+    n = len(words)
+    return Sentence(tuple(words), tuple(upos or ["X"] * n), tuple(f"T{i}" for i in range(1, n + 1)), tuple(heads),
+                    tuple(relations or ["dep"] * n))
+
+
+def random_projective_heads(n: int, rng: random.Random) -> list[int]:
+    """A random projective tree over words 1..n: a root word, and each span's words hung recursively."""
+    heads = [0] * n
+
+    def hang(first: int, last: int, head: int) -> None:  # words first..last all depend (transitively) on head
+        if first > last:
+            return
+        child = rng.randint(first, last)
+        heads[child - 1] = head
+        hang(first, child - 1, child)
+        hang(child + 1, last, child)
+    hang(1, n, 0)
+    return heads
+
+
+def rebuild(s: Sentence) -> Configuration:
+    config = Configuration(len(s.words))
+    for transition in oracle(s):
+        config.apply(transition)
+    return config
+
+
+def test_oracle_rebuilds_every_projective_tree_of_a_random_sample():
+    rng = random.Random(0)
+    for n in list(range(1, 12)) * 20 + [40, 60]:
+        heads = random_projective_heads(n, rng)
+        relations = [rng.choice(["nsubj", "obj", "nmod:poss", "det"]) for _ in range(n)]
+        s = sentence([f"w{i}" for i in range(n)], heads, relations)
+        assert is_projective(heads)
+        config = rebuild(s)
+        assert config.heads[1:] == heads
+        assert config.labels[1:] == [r.split(":")[0] for r in relations]
+        assert len(oracle(s)) == 2 * n  # n shifts, n arcs
+
+
+def test_non_projective_trees_are_left_out():
+    heads = [3, 4, 0, 3]  # 1 <- 3 and 2 <- 4 cross
+    assert not is_projective(heads)
+    assert oracle(sentence(["a", "b", "c", "d"], heads)) is None
+
+
+def test_features_of_a_hand_checked_configuration():
+    # "the cat sat on the mat": the(1) <- cat(2) <- sat(3), on(4) <- mat(6), the(5) <- mat(6)
+    s = sentence(["the", "cat", "sat", "on", "the", "mat"], [2, 3, 0, 6, 6, 3],
+                 ["det", "nsubj", "root", "case", "det", "obl"])
+    config = Configuration(6)
+    for transition in [SHIFT, SHIFT, "L|det", SHIFT, "L|nsubj", SHIFT, SHIFT]:
+        config.apply(transition)
+    # stack: root, sat, on, the(5); buffer: mat
+    tokens, children = feature_tokens(config)
+    assert tokens[:6] == [5, 4, 3, 6, -1, -1]
+    # children of s1 = the(5): none; of s2 = on(4): none
+    assert children == [-1] * 12
+    config.apply(SHIFT)  # stack: root, sat, on, the, mat
+    config.apply("L|det")  # the(5) <- mat
+    config.apply("L|case")  # on(4) <- mat; stack: root, sat, mat
+    tokens, children = feature_tokens(config)
+    assert tokens[:6] == [6, 3, 0, -1, -1, -1]
+    # s1 = mat: lc1 = on(4), rc1 = none, lc2 = the(5), rc2 = none, lc1(lc1) = none, rc1(rc1) = none;
+    # s2 = sat: lc1 = cat(2), rc1 = none, lc2 = none, rc2 = none, lc1(lc1) = the(1), rc1(rc1) = none
+    assert children == [4, -1, 5, -1, -1, -1, 2, -1, -1, -1, 1, -1]
+    vocabulary = {}
+
+    def ids(value):
+        return vocabulary.setdefault(value, len(vocabulary))
+    values = features(config, s, ids, ids, ids)
+    assert len(values) == 48
+    names = {number: name for name, number in vocabulary.items()}
+    assert [names[v] for v in values[:3]] == ["mat", "sat", ROOT_TOKEN]
+    assert [names[v] for v in values[18:21]] == ["T6", "T3", ROOT_TOKEN]
+    assert names[values[36]] == "case" and names[values[38]] == "det" and names[values[42]] == "nsubj"
+    assert names[values[37]] == NULL
+
+
+def test_greedy_parse_with_an_oracle_score_is_exact_and_scores_count_non_punctuation():
+    rng = random.Random(1)
+    gold = []
+    for n in (3, 7, 12):
+        heads = random_projective_heads(n, rng)
+        upos = ["PUNCT" if i == n - 1 else "NOUN" for i in range(n)]
+        gold.append(sentence([f"w{i}" for i in range(n)], heads, ["dep"] * n, upos))
+    names = transitions(["dep"])
+
+    predicted = [parse(s, _oracle_scores(s, names), names) for s in gold]
+    assert attachment_scores(gold, predicted) == (100.0, 100.0)
+    chain = sentence(["a", "b", "."], [2, 0, 2], ["det", "root", "punct"], ["DET", "NOUN", "PUNCT"])
+    wrong = Configuration(3)
+    while not wrong.terminal:  # shift everything, then right arcs: 1 <- root, 2 <- 1, 3 <- 2
+        wrong.apply(SHIFT if wrong.legal(SHIFT) else "R|dep")
+    assert wrong.heads[1:] == [0, 1, 2]
+    assert attachment_scores([chain], [wrong]) == (0.0, 0.0)  # "." (right by chance) is not scored
+    assert attachment_scores([chain], [rebuild(chain)]) == (100.0, 100.0)
+
+
+def _oracle_scores(s, names):
+    """A score function preferring, at each call, the oracle's next transition."""
+    wanted = list(oracle(s))
+
+    def score(config):
+        transition = wanted.pop(0)
+        return [1.0 if name == transition else 0.0 for name in names]
+    return score
+
+
+@pytest.mark.parametrize("transition, stack, buffer_empty, legal", [
+    ("L|dep", [0, 1], False, False),  # the root never gets a head
+    ("R|dep", [0, 1], False, False),  # a word goes to the root only at the end
+    ("R|dep", [0, 1], True, True),
+    (SHIFT, [0, 1], True, False),
+])
+def test_legal_transitions(transition, stack, buffer_empty, legal):
+    config = Configuration(1)
+    config.stack = stack
+    config.buffer_start = 2 if buffer_empty else 1
+    assert config.legal(transition) == legal
+
+
+def test_greedy_parse_never_takes_an_illegal_transition():
+    s = sentence(["a", "b", "c"], [2, 0, 2])
+    names = transitions(["dep"])
+    always_left = parse(s, lambda config: [0.0, 1.0, 0.5], names)  # prefers L|dep, then R|dep
+    assert sorted(always_left.heads[1:]).count(0) == 1  # one word on the root: a tree
+    assert all(head != word for word, head in enumerate(always_left.heads[1:], 1))
