@@ -34,8 +34,8 @@ def _heading(config: Config, records: Sequence[dict]) -> str:
     """The table's title line: the settings, and the machine and thread counts the runs had."""
     env = environment()
     threads = sorted({r["env"]["threads"] for r in records if "env" in r}) or [env["threads"]]
-    model = (f"MLP {config.n_layer} layers, hidden {config.d_hidden}" if config.task == "mnist"
-             else f"LSTM tagger, hidden {config.d_hidden}")
+    model = {"mnist": f"MLP {config.n_layer} layers", "pos": "LSTM tagger",
+             "parsing": f"parser MLP {config.n_layer} layers"}[config.task] + f", hidden {config.d_hidden}"
     return (f"## {config.name}: {config.dataset}, {model}, "
             f"minibatch {config.d_minibatch}, {config.optimizer} lr {config.lr:g}"
             f" ({config.sparse_update} update{', fused engine' if config.engine == 'fused' else ''}"

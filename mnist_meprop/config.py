@@ -19,9 +19,9 @@ import yaml
 from .errors import ConfigError
 from .ops import BIAS_GRADS, is_meprop_active
 
-TASKS = ("mnist", "pos")  # see mnist_meprop.task
+TASKS = ("mnist", "pos", "parsing")  # see mnist_meprop.task
 DATASETS = ("sample", "mnist", "fashion-mnist", "idx", "ewt")
-TASK_DATASETS = {"mnist": ("sample", "mnist", "fashion-mnist", "idx"), "pos": ("ewt",)}
+TASK_DATASETS = {"mnist": ("sample", "mnist", "fashion-mnist", "idx"), "pos": ("ewt",), "parsing": ("ewt",)}
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 SELECTIONS = ("topk", "random")
 DEVICES = ("cpu", "cuda", "auto")

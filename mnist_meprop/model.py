@@ -14,7 +14,7 @@ from .ops import is_meprop_active
 
 def build_mlp(d_input: int, n_classes: int, d_hidden: int, n_layer: int, k: int,
               unified: bool = False, selection: str = "topk", dropout: float = 0.0,
-              sparse_grad: bool = False, bias_grad: str = "masked") -> nn.Sequential:
+              sparse_grad: bool = False, bias_grad: str = "masked", output_k: int = 0) -> nn.Sequential:
     """``n_layer`` linear layers counting the output layer: (meProp linear, ReLU, dropout) per hidden layer.
 
     The output layer is a plain (dense, ``k=0``) ``MePropLinear``: ordinary backprop, but its
@@ -22,6 +22,8 @@ def build_mlp(d_input: int, n_classes: int, d_hidden: int, n_layer: int, k: int,
     backward time covers every linear layer for meProp and the dense baseline alike.
     ``sparse_grad`` makes the hidden meProp layers return row-sparse gradients; ``bias_grad``
     (``masked`` or ``full``) is their bias gradient (see :func:`mnist_meprop.meprop_linear`).
+    ``output_k`` > 0 applies meProp to the output layer too (the paper's parser), with the same
+    mode, selection and sparse gradients as the hidden layers.
     """
     layers: list[nn.Module] = []
     width = d_input
@@ -32,7 +34,11 @@ def build_mlp(d_input: int, n_classes: int, d_hidden: int, n_layer: int, k: int,
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = d_hidden
-    layers.append(MePropLinear(width, n_classes, k=0))
+    if output_k:
+        layers.append(MePropLinear(width, n_classes, output_k, unified=unified, selection=selection,
+                                   sparse_grad=sparse_grad, bias_grad=bias_grad))
+    else:
+        layers.append(MePropLinear(width, n_classes, k=0))
     return nn.Sequential(*layers)
 
 

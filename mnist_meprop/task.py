@@ -7,6 +7,7 @@ tagging, parsing) is one :class:`Task`, not a second training loop; ``config.tas
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .conllu import load_ewt
+from .conllu import Sentence, load_ewt
 from .data import Splits, iterate_minibatches, load_data
 from .model import build_model
+from .parsing_data import ParsingVocabulary, evaluate_parser, oracle_examples
+from .parsing_model import Parser
 from .pos_data import NO_TAG, TaggedSentences, Vocabulary
 from .pos_model import PosTagger
 
@@ -163,7 +166,74 @@ POS = Task(
     model_info=lambda data: {"vocabulary": data.vocabulary},
 )
 
-TASKS = {task.name: task for task in (MNIST, POS)}
+@dataclass(frozen=True)
+class ParsingData:
+    """The oracle's training (and dev) examples, the dev and test sentences to parse, the vocabulary."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    dev_x: torch.Tensor
+    dev_y: torch.Tensor
+    dev_sentences: tuple[Sentence, ...]
+    test_sentences: tuple[Sentence, ...]
+    vocabulary: ParsingVocabulary
+    source: str
+
+    def to(self, device: torch.device) -> ParsingData:
+        return dataclasses.replace(self, train_x=self.train_x.to(device), train_y=self.train_y.to(device),
+                                   dev_x=self.dev_x.to(device), dev_y=self.dev_y.to(device))
+
+    def sizes(self) -> dict[str, int]:
+        """Training examples (transitions); dev and test sentences."""
+        return {"train": len(self.train_y), "dev": len(self.dev_sentences), "test": len(self.test_sentences)}
+
+
+def load_parsing_data(config: Config) -> ParsingData:
+    """UD English-EWT: the oracle's examples of every projective training sentence (the others are
+    left out, and counted in ``source``); every dev and test sentence is parsed. ``train_limit`` /
+    ``test_limit`` keep the first sentences of train / of dev and test."""
+    sentences, source = load_ewt(config.data_dir)
+    train = sentences["train"][:config.train_limit]
+    dev, test = (tuple(sentences[split][:config.test_limit]) for split in ("dev", "test"))
+    vocabulary = ParsingVocabulary.build(train)
+    train_x, train_y, left_out = oracle_examples(train, vocabulary)
+    dev_x, dev_y, _ = oracle_examples(dev, vocabulary)
+    return ParsingData(train_x, train_y, dev_x, dev_y, dev, test, vocabulary,
+                       f"{source}: {len(train) - left_out:,} of {len(train):,} train sentences ({left_out} "
+                       f"non-projective left out), {len(train_y):,} transition examples, "
+                       f"{len(vocabulary.transitions)} transitions")
+
+
+@torch.no_grad()
+def _evaluate_parser(model: nn.Module, data: ParsingData, split: str) -> tuple[float, float]:
+    """Dev: the mean cross-entropy on the dev oracle's examples and UAS; test: UAS (loss not computed)."""
+    model.eval()
+    loss = float("nan")
+    if split == "dev" and len(data.dev_y):
+        loss = sum(F.cross_entropy(model(data.dev_x[i:i + EVAL_BATCH]), data.dev_y[i:i + EVAL_BATCH],
+                                   reduction="sum").item() for i in range(0, len(data.dev_y), EVAL_BATCH))
+        loss /= len(data.dev_y)
+    uas, _ = evaluate_parser(model, data.dev_sentences if split == "dev" else data.test_sentences, data.vocabulary)
+    return loss, uas
+
+
+PARSING = Task(
+    name="parsing",
+    metric="UAS",
+    load_data=load_parsing_data,
+    n_train=lambda data: len(data.train_y),
+    batches=lambda data, size, generator: iterate_minibatches(data.train_x, data.train_y, size, generator),
+    build_model=lambda config, data: Parser(data.vocabulary.n_embeddings, len(data.vocabulary.transitions),
+                                            config.d_hidden, config.n_layer, config.k, config.unified,
+                                            config.selection, config.dropout, config.bias_grad, config.init),
+    loss=lambda scores, target, reduction: F.cross_entropy(scores, target, reduction=reduction),
+    count=len,
+    count_correct=_count_correct,
+    evaluate=_evaluate_parser,
+    model_info=lambda data: {"vocabulary": data.vocabulary},
+)
+
+TASKS = {task.name: task for task in (MNIST, POS, PARSING)}
 
 
 def task_for(config: Config) -> Task:

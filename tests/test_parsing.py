@@ -139,3 +139,29 @@ def test_greedy_parse_never_takes_an_illegal_transition():
     always_left = parse(s, lambda config: [0.0, 1.0, 0.5], names)  # prefers L|dep, then R|dep
     assert sorted(always_left.heads[1:]).count(0) == 1  # one word on the root: a tree
     assert all(head != word for word, head in enumerate(always_left.heads[1:], 1))
+
+
+def test_parser_trains_end_to_end_on_a_few_sentences_through_the_cli(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from test_pos import SENTENCES, conllu
+
+    from mnist_meprop.cli import main
+    from mnist_meprop.conllu import EWT_FILES, EWT_FOLDER
+
+    folder = tmp_path / EWT_FOLDER
+    folder.mkdir()
+    for split, (name, _) in EWT_FILES.items():
+        (folder / name).write_text(conllu(SENTENCES * (5 if split == "train" else 1)))
+    args = ["train", "--set", "task=parsing", "--set", "dataset=ewt", "--set", f"data_dir={tmp_path}", "--set",
+            "d_hidden=32", "--set", "k=4", "--set", "d_minibatch=16", "--set", "n_epoch=8", "--set", "lr=0.01",
+            "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "parser MLP 3 layers, hidden 32" in result.output
+    [record] = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    assert record["config"]["task"] == "parsing"
+    assert record["data"] == {**record["data"], "train": 2 * 5 * sum(len(s) for s in SENTENCES), "test": 4}
+    assert record["test_acc"] > 50  # UAS: the made-up trees are flat (every word on word 2)
+    assert record["epochs"][-1]["train_loss"] < record["epochs"][0]["train_loss"]

@@ -1,0 +1,33 @@
+"""The paper's parser: Chen & Manning's 48 embedded features and an MLP whose hidden and output
+layers all use meProp with the same k."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .model import build_mlp, initialize
+from .ops import is_meprop_active
+
+EMBEDDING_DIM, N_FEATURES = 50, 48
+
+
+class Parser(nn.Module):
+    """One embedding table for words, tags and arc labels (50 dimensions each; the 48 feature indices
+    are offset into it), 48 x 50 = 2,400 inputs, ``n_layer - 1`` hidden layers of ``d_hidden`` with
+    ReLU (Chen & Manning used a cube activation; the meProp paper does not say) and an output layer
+    over the transitions. ``forward(features [B, 48])`` returns transition scores ``[B, T]``."""
+
+    def __init__(self, n_embeddings: int, n_transitions: int, d_hidden: int, n_layer: int, k: int,
+                 unified: bool = False, selection: str = "topk", dropout: float = 0.0,
+                 bias_grad: str = "masked", init: str = "torch") -> None:
+        super().__init__()
+        self.embed = nn.Embedding(n_embeddings, EMBEDDING_DIM)
+        active = is_meprop_active(k, d_hidden)
+        self.mlp = build_mlp(EMBEDDING_DIM * N_FEATURES, n_transitions, d_hidden, n_layer, k, unified, selection,
+                             dropout, sparse_grad=active, bias_grad=bias_grad,
+                             output_k=k if is_meprop_active(k, n_transitions) else 0)
+        initialize(self.mlp, init)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.embed(inputs).reshape(len(inputs), -1))
