@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench import NOISY_SPREAD, ratio_of_rounds
+from .bench import NOISY_SPREAD, ratio_of_rounds, timed_step
 from .config import validate
 from .ops import time_linear_backward
 from .optim import build_optimizer, stock_optimizer
@@ -138,17 +138,11 @@ def _round(subject: _Subject, sentences, steps: int) -> dict[str, float]:
     for step in range(steps):
         inputs, tags = sentences[step % len(sentences)]
         model.train()
-        with time_linear_backward():
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(inputs), tags)
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad()
-        t3 = time.perf_counter()
+        with time_linear_backward():  # our models' timed path, as in training
+            forward, backward, update = timed_step(model, inputs, tags, optimizer)
         lstm_backward, linear = replay()
-        for phase, value in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t3 - t0, lstm_backward, linear)):
+        for phase, value in zip(PHASES, (forward, backward, update, forward + backward + update, lstm_backward,
+                                         linear)):
             samples[phase].append(value)
     return {phase: statistics.median(values) for phase, values in samples.items()}
 

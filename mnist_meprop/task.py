@@ -57,6 +57,19 @@ class Task:
     model_info: Callable[[Any], dict[str, Any]]
 
 
+# Tasks whose examples are rows of train_x / train_y tensors (MNIST, parsing) share these.
+def _n_examples(data: Any) -> int:
+    return len(data.train_y)
+
+
+def _example_batches(data: Any, size: int, generator: torch.Generator) -> Iterator[Batch]:
+    return iterate_minibatches(data.train_x, data.train_y, size, generator)
+
+
+def _cross_entropy(scores: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    return F.cross_entropy(scores, target, reduction=reduction)
+
+
 def _count_correct(logits: torch.Tensor, target: torch.Tensor) -> int:
     return int((logits.argmax(dim=1) == target).sum())
 
@@ -78,10 +91,10 @@ MNIST = Task(
     name="mnist",
     metric="accuracy",
     load_data=load_data,
-    n_train=lambda data: len(data.train_y),
-    batches=lambda data, size, generator: iterate_minibatches(data.train_x, data.train_y, size, generator),
+    n_train=_n_examples,
+    batches=_example_batches,
     build_model=lambda config, data: build_model(config, data.n_features, data.n_classes),
-    loss=lambda logits, target, reduction: F.cross_entropy(logits, target, reduction=reduction),
+    loss=_cross_entropy,
     count=len,
     count_correct=_count_correct,
     evaluate=lambda model, data, split: evaluate_classifier(model, getattr(data, f"{split}_x"),
@@ -221,12 +234,12 @@ PARSING = Task(
     name="parsing",
     metric="UAS",
     load_data=load_parsing_data,
-    n_train=lambda data: len(data.train_y),
-    batches=lambda data, size, generator: iterate_minibatches(data.train_x, data.train_y, size, generator),
+    n_train=_n_examples,
+    batches=_example_batches,
     build_model=lambda config, data: Parser(data.vocabulary.n_embeddings, len(data.vocabulary.transitions),
                                             config.d_hidden, config.n_layer, config.k, config.unified,
                                             config.selection, config.dropout, config.bias_grad, config.init),
-    loss=lambda scores, target, reduction: F.cross_entropy(scores, target, reduction=reduction),
+    loss=_cross_entropy,
     count=len,
     count_correct=_count_correct,
     evaluate=_evaluate_parser,
