@@ -165,3 +165,37 @@ def test_parser_trains_end_to_end_on_a_few_sentences_through_the_cli(tmp_path):
     assert record["data"] == {**record["data"], "train": 2 * 5 * sum(len(s) for s in SENTENCES), "test": 4}
     assert record["test_acc"] > 50  # UAS: the made-up trees are flat (every word on word 2)
     assert record["epochs"][-1]["train_loss"] < record["epochs"][0]["train_loss"]
+
+
+def test_parser_gradients_equal_the_masked_reference_output_layer_included():
+    """Every layer (the output layer too) back-propagates the per-example top-k of its output gradient,
+    down into the embeddings: against the same model run densely with hooks masking each layer."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from mnist_meprop.layers import MePropLinear
+    from mnist_meprop.parsing_model import Parser
+
+    torch.manual_seed(0)
+    model = Parser(100, 12, 16, 3, k=3).double()
+    reference = copy.deepcopy(model)
+
+    def mask(grad):
+        kept = grad.abs().topk(3, dim=-1).indices
+        return torch.zeros_like(grad).scatter_(-1, kept, grad.gather(-1, kept))
+
+    def mask_output_gradient(module, args, out):
+        out.register_hook(mask)
+    for layer in reference.mlp:
+        if isinstance(layer, MePropLinear):
+            layer.k = 0
+            layer.register_forward_hook(mask_output_gradient)
+    assert model.mlp[4].k == 3  # the output layer is meProp too
+    x, y = torch.randint(0, 100, (64, 48)), torch.randint(0, 12, (64,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    nn.functional.cross_entropy(reference(x), y).backward()
+    for (name, ours), expected in zip(model.named_parameters(), reference.parameters()):
+        grad = ours.grad.to_dense() if ours.grad.is_sparse else ours.grad
+        torch.testing.assert_close(grad, expected.grad, msg=name)
