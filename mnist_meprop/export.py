@@ -61,6 +61,11 @@ def find_run(run_dir: Path, key: str | None = None) -> dict[str, Any]:
     records = [r for r in latest_by_key(read_records(run_dir)).values() if r.get("status", "ok") == "ok"]
     if not records:
         raise MePropError(f"--run {run_dir}: no finished runs in {run_dir / 'runs.jsonl'}")
+    records = [r for r in records if r["config"].get("task", "mnist") == "mnist"]
+    if not records:
+        raise MePropError(f"--run {run_dir}: export writes the MNIST MLP (meSimp-reduced) as plain nn.Linear "
+                          f"layers; these runs are of another task (their best-dev models are in "
+                          f"{run_dir / 'models'}, loadable with torch.load)")
     with_model = [r for r in records if model_path(run_dir, r["key"]).exists()]
     if key is not None:
         chosen = [r for r in with_model if r["key"].startswith(key)]

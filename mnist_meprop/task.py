@@ -176,7 +176,7 @@ POS = Task(
     count=lambda tags: int((tags != NO_TAG).sum()),
     count_correct=_count_correct_tags,
     evaluate=evaluate_tagger,
-    model_info=lambda data: {"vocabulary": data.vocabulary},
+    model_info=lambda data: {"vocabulary": dataclasses.asdict(data.vocabulary)},  # plain data: loads weights_only
 )
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ PARSING = Task(
     count=len,
     count_correct=_count_correct,
     evaluate=_evaluate_parser,
-    model_info=lambda data: {"vocabulary": data.vocabulary},
+    model_info=lambda data: {"vocabulary": dataclasses.asdict(data.vocabulary)},  # plain data: loads weights_only
 )
 
 TASKS = {task.name: task for task in (MNIST, POS, PARSING)}

@@ -5,6 +5,7 @@ import gzip
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from mnist_meprop.cli import main
@@ -114,6 +115,11 @@ def test_pos_runs_through_the_cli_resumes_and_bad_files_are_one_line(treebank, t
     assert record["config"]["task"] == "pos" and record["data"]["train"] == 20
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "skipped" in again.output
+    [model_file] = list((tmp_path / "out" / "models").glob("*.pt"))
+    saved = torch.load(model_file, weights_only=True)  # plain data, vocabulary included
+    assert saved["config"]["task"] == "pos" and len(saved["vocabulary"]["tags"]) == 13
+    export = CliRunner().invoke(main, ["export", "--run", str(tmp_path / "out"), "--out", str(tmp_path / "m.pt")])
+    assert export.exit_code == 2 and "another task" in export.output
     test_file = treebank / EWT_FOLDER / EWT_FILES["test"][0]
     test_file.write_text(test_file.read_text().replace("\tDT\t", "\t\t", 1))
     bad = CliRunner().invoke(main, args + ["--fresh"])
