@@ -94,7 +94,8 @@ def _executor_options(command: Callable) -> Callable:
                      help="Ray cluster to join (auto, host:port or ray://host:port); default: start a local "
                           "Ray with this machine's cores."),
         click.option("--cpus-per-run", type=click.IntRange(min=1),
-                     help="CPUs (= torch threads) per Ray task (default: the runs' threads setting, else 1)."),
+                     help="CPUs (= torch threads) per Ray task (default: the runs' threads setting, else torch's "
+                          "default here, as a local run; 1 runs one task per core)."),
         click.option("--gpus-per-run", type=click.FloatRange(min=0), help="GPUs per Ray task (default 0)."),
     ]
     for option in reversed(options):

@@ -247,7 +247,10 @@ def make_executor(name: str = "local", address: str | None = None, cpus_per_run:
     """The executor ``--executor name`` asks for, with its options checked.
 
     ``threads`` is the runs' configured torch thread count: a Ray task's CPUs are its threads, so
-    ``cpus_per_run`` defaults to it (else 1) and may not differ from it.
+    ``cpus_per_run`` defaults to it and may not differ from it. Without either, a task gets torch's
+    default thread count here (this machine's cores), the count a local run would use: results
+    depend on the thread count (float sums split differently), so this keeps them equal to
+    ``local``'s. Ask for fewer (``--cpus-per-run 1`` or ``threads: 1``) to run several at once.
     """
     if name not in EXECUTORS:
         raise MePropError(f"--executor: expected one of {', '.join(EXECUTORS)}, got {name!r}")
@@ -260,4 +263,4 @@ def make_executor(name: str = "local", address: str | None = None, cpus_per_run:
     if cpus_per_run is not None and threads is not None and cpus_per_run != threads:
         raise MePropError(f"--cpus-per-run {cpus_per_run} but the runs are set to {threads} threads: a Ray task "
                           f"uses its CPUs as torch threads; give one of the two")
-    return RayExecutor(address, cpus_per_run or threads or 1, gpus_per_run or 0.0)
+    return RayExecutor(address, cpus_per_run or threads or torch.get_num_threads(), gpus_per_run or 0.0)

@@ -83,6 +83,15 @@ def test_cpus_per_run_may_not_contradict_the_threads_setting(tmp_path):
     assert result.exit_code == 2 and "--cpus-per-run 2" in result.output and "1 threads" in result.output
 
 
+def test_a_task_gets_the_thread_count_a_local_run_would_use():
+    import torch
+
+    from mnist_meprop.executors import make_executor
+    assert make_executor("ray", threads=None).cpus_per_run == torch.get_num_threads()  # same numbers as local
+    assert make_executor("ray", threads=1).cpus_per_run == 1
+    assert make_executor("ray", cpus_per_run=3).cpus_per_run == 3
+
+
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mnist-meprop[ray]'); CI installs it")
 
 
