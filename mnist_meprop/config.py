@@ -21,6 +21,7 @@ from .ops import BIAS_GRADS, is_meprop_active
 
 TASKS = ("mnist", "pos", "parsing")  # see mnist_meprop.task
 DATASETS = ("sample", "mnist", "fashion-mnist", "idx", "ewt")
+ACTIVATIONS = ("relu", "cube")  # cube: Chen & Manning's parser (task parsing only)
 TASK_DATASETS = {"mnist": ("sample", "mnist", "fashion-mnist", "idx"), "pos": ("ewt",), "parsing": ("ewt",)}
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 SELECTIONS = ("topk", "random")
@@ -76,6 +77,7 @@ class Config:
     unified: bool = False
     selection: str = "topk"
     dropout: float = 0.0
+    activation: str = "relu"
     optimizer: str = "adam"
     lr: float | None = None
     sparse_update: str = "exact"
@@ -155,6 +157,7 @@ _RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]] = {
     "evals_per_epoch": (int, False, _at_least(1)),
     "engine": (str, False, _one_of(ENGINES)),
     "task": (str, False, _one_of(TASKS)),
+    "activation": (str, False, _one_of(ACTIVATIONS)),
     "flush_denormal": (bool, False, None),
 }
 assert set(_RULES) == {f.name for f in dataclasses.fields(Config)}
@@ -231,6 +234,8 @@ def validate(raw: dict[str, Any]) -> Config:
     if config.dataset not in TASK_DATASETS[config.task]:
         raise ConfigError(f"dataset: task {config.task} takes {' or '.join(TASK_DATASETS[config.task])}, "
                           f"got {config.dataset!r}")
+    if config.activation != "relu" and config.task != "parsing":
+        raise ConfigError(f"activation: {config.activation} is for the parser (task parsing), not task {config.task}")
     if config.task != "mnist" and config.simplify.enabled:
         raise ConfigError(f"simplify.enabled: meSimp is for the MLP (task mnist), not task {config.task}")
     if config.dataset == "idx" and not config.data_dir:

@@ -14,7 +14,8 @@ from .ops import is_meprop_active
 
 def build_mlp(d_input: int, n_classes: int, d_hidden: int, n_layer: int, k: int,
               unified: bool = False, selection: str = "topk", dropout: float = 0.0,
-              sparse_grad: bool = False, bias_grad: str = "masked", output_k: int = 0) -> nn.Sequential:
+              sparse_grad: bool = False, bias_grad: str = "masked", output_k: int = 0,
+              activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     """``n_layer`` linear layers counting the output layer: (meProp linear, ReLU, dropout) per hidden layer.
 
     The output layer is a plain (dense, ``k=0``) ``MePropLinear``: ordinary backprop, but its
@@ -23,14 +24,15 @@ def build_mlp(d_input: int, n_classes: int, d_hidden: int, n_layer: int, k: int,
     ``sparse_grad`` makes the hidden meProp layers return row-sparse gradients; ``bias_grad``
     (``masked`` or ``full``) is their bias gradient (see :func:`mnist_meprop.meprop_linear`).
     ``output_k`` > 0 applies meProp to the output layer too (the paper's parser), with the same
-    mode, selection and sparse gradients as the hidden layers.
+    mode, selection and sparse gradients as the hidden layers. ``activation`` is the hidden
+    layers' nonlinearity (a module class).
     """
     layers: list[nn.Module] = []
     width = d_input
     for _ in range(n_layer - 1):
         layers += [MePropLinear(width, d_hidden, k, unified=unified, selection=selection, sparse_grad=sparse_grad,
                                 bias_grad=bias_grad),
-                   nn.ReLU()]
+                   activation()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = d_hidden

@@ -167,7 +167,8 @@ def test_parser_trains_end_to_end_on_a_few_sentences_through_the_cli(tmp_path):
     assert record["epochs"][-1]["train_loss"] < record["epochs"][0]["train_loss"]
 
 
-def test_parser_gradients_equal_the_masked_reference_output_layer_included():
+@pytest.mark.parametrize("activation", ["relu", "cube"])
+def test_parser_gradients_equal_the_masked_reference_output_layer_included(activation):
     """Every layer (the output layer too) back-propagates the per-example top-k of its output gradient,
     down into the embeddings: against the same model run densely with hooks masking each layer."""
     import copy
@@ -179,7 +180,7 @@ def test_parser_gradients_equal_the_masked_reference_output_layer_included():
     from mnist_meprop.parsing_model import Parser
 
     torch.manual_seed(0)
-    model = Parser(100, 12, 16, 3, k=3).double()
+    model = Parser(100, 12, 16, 3, k=3, activation=activation).double()
     reference = copy.deepcopy(model)
 
     def mask(grad):
@@ -199,3 +200,19 @@ def test_parser_gradients_equal_the_masked_reference_output_layer_included():
     for (name, ours), expected in zip(model.named_parameters(), reference.parameters()):
         grad = ours.grad.to_dense() if ours.grad.is_sparse else ours.grad
         torch.testing.assert_close(grad, expected.grad, msg=name)
+
+
+def test_cube_activation_is_the_parsers_with_chen_and_mannings_init():
+    import torch
+
+    from mnist_meprop.config import load_config
+    from mnist_meprop.errors import ConfigError
+    from mnist_meprop.parsing_model import Cube, Parser
+
+    model = Parser(100, 12, 16, 3, k=3, activation="cube")
+    assert sum(isinstance(m, Cube) for m in model.mlp) == 2
+    assert float(model.embed.weight.detach().abs().max()) <= 0.01 and float(model.mlp[0].weight.detach().abs().max()) <= 0.01
+    assert torch.equal(Cube()(torch.tensor([-2.0, 3.0])), torch.tensor([-8.0, 27.0]))
+    with pytest.raises(ConfigError, match="activation: cube is for the parser"):
+        load_config(None, ["activation=cube"])
+    assert load_config(None, ["task=parsing", "dataset=ewt", "activation=cube"]).activation == "cube"
