@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import Config
 from .conllu import Sentence, load_ewt
-from .data import Splits, iterate_minibatches, load_data
+from .data import iterate_minibatches, load_data
 from .model import build_model
 from .parsing_data import ParsingVocabulary, evaluate_parser, oracle_examples
 from .parsing_model import Parser

@@ -2,7 +2,6 @@
 the rows with a gradient, with idle steps applied on the next touch or a flush."""
 
 import io
-import warnings
 
 import pytest
 import torch
