@@ -12,7 +12,6 @@ import struct
 import tempfile
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from .config import Config
 from .errors import DatasetError
+from .store import file_lock
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -147,22 +147,6 @@ def torchvision_raw_folder(dataset: str, root: Path) -> Path:
     return root / TORCHVISION_FOLDERS[dataset] / "raw"
 
 
-@contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_file`` within the block (waiting for it; no-op off POSIX)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def download_torchvision(dataset: str, root: Path) -> tuple[torch.Tensor, ...]:
     """MNIST or Fashion-MNIST through torchvision: the files already in ``root`` if complete,
     else a download into ``root``."""
@@ -176,7 +160,7 @@ def download_torchvision(dataset: str, root: Path) -> tuple[torch.Tensor, ...]:
         pass  # not there yet: download
     ensure_writable(root)
     try:
-        with _exclusive(root / ".download.lock"):  # processes (or Ray workers) starting together download once
+        with file_lock(root / ".download.lock"):  # processes (or Ray workers) starting together download once
             train = cls(str(root), train=True, download=True)
             test = cls(str(root), train=False, download=True)
     except (RuntimeError, OSError, ValueError) as error:

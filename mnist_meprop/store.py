@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -168,20 +168,16 @@ def remove_checkpoint(path: Path) -> None:
 
 
 @contextmanager
-def claim_run(out_dir: Path, key: str) -> Iterator[bool]:
-    """Within the block, hold the run's lock if no other process holds it; yields whether it does.
-
-    The lock is an ``flock`` on ``out_dir/.locks/<key>.lock``: the operating system drops it
-    when its process ends, however it ends, so a killed process never leaves a run claimed.
-    """
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Within the block, hold an exclusive ``flock`` on ``path``; yields whether it is held. With
+    ``wait=False`` it gives up at once (False) when another process holds it. Off POSIX there are
+    no such locks: it yields True."""
     if fcntl is None:
         yield True
         return
-    folder = out_dir / LOCK_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{key}.lock", "a") as handle:
+    with open(path, "a") as handle:
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
@@ -189,3 +185,14 @@ def claim_run(out_dir: Path, key: str) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def claim_run(out_dir: Path, key: str) -> AbstractContextManager[bool]:
+    """Within the block, hold the run's lock if no other process holds it; yields whether it does.
+
+    The lock is an ``flock`` on ``out_dir/.locks/<key>.lock``: the operating system drops it
+    when its process ends, however it ends, so a killed process never leaves a run claimed.
+    """
+    folder = out_dir / LOCK_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return file_lock(folder / f"{key}.lock", wait=False)
