@@ -122,12 +122,18 @@ class PosData:
         return {"train": len(self.train), "dev": len(self.dev), "test": len(self.test)}
 
 
-def load_pos_data(config: Config) -> PosData:
-    """UD English-EWT (see :mod:`mnist_meprop.conllu`), the first ``train_limit`` / ``test_limit``
-    sentences of train and of dev and test when set (for quick runs)."""
+def _ewt_splits(config: Config) -> tuple[list[Sentence], list[Sentence], list[Sentence], str]:
+    """UD English-EWT's train, dev and test sentences (see :mod:`mnist_meprop.conllu`), the first
+    ``train_limit`` of train and ``test_limit`` of dev and test when set (for quick runs), and
+    where they came from."""
     sentences, source = load_ewt(config.data_dir)
-    train = sentences["train"][:config.train_limit]
-    dev, test = (sentences[split][:config.test_limit] for split in ("dev", "test"))
+    return (sentences["train"][:config.train_limit], sentences["dev"][:config.test_limit],
+            sentences["test"][:config.test_limit], source)
+
+
+def load_pos_data(config: Config) -> PosData:
+    """EWT's sentences (:func:`_ewt_splits`) encoded with the training set's vocabulary."""
+    train, dev, test, source = _ewt_splits(config)
     vocabulary = Vocabulary.build(train)
     splits = [TaggedSentences.encode(part, vocabulary) for part in (train, dev, test)]
     tokens = ", ".join(f"{split.tokens:,}" for split in splits)
@@ -179,6 +185,7 @@ POS = Task(
     model_info=lambda data: {"vocabulary": dataclasses.asdict(data.vocabulary)},  # plain data: loads weights_only
 )
 
+
 @dataclass(frozen=True)
 class ParsingData:
     """The oracle's training (and dev) examples, the dev and test sentences to parse, the vocabulary."""
@@ -205,13 +212,11 @@ def load_parsing_data(config: Config) -> ParsingData:
     """UD English-EWT: the oracle's examples of every projective training sentence (the others are
     left out, and counted in ``source``); every dev and test sentence is parsed. ``train_limit`` /
     ``test_limit`` keep the first sentences of train / of dev and test."""
-    sentences, source = load_ewt(config.data_dir)
-    train = sentences["train"][:config.train_limit]
-    dev, test = (tuple(sentences[split][:config.test_limit]) for split in ("dev", "test"))
+    train, dev, test, source = _ewt_splits(config)
     vocabulary = ParsingVocabulary.build(train)
     train_x, train_y, left_out = oracle_examples(train, vocabulary)
     dev_x, dev_y, _ = oracle_examples(dev, vocabulary)
-    return ParsingData(train_x, train_y, dev_x, dev_y, dev, test, vocabulary,
+    return ParsingData(train_x, train_y, dev_x, dev_y, tuple(dev), tuple(test), vocabulary,
                        f"{source}: {len(train) - left_out:,} of {len(train):,} train sentences ({left_out} "
                        f"non-projective left out), {len(train_y):,} transition examples, "
                        f"{len(vocabulary.transitions)} transitions")
@@ -220,12 +225,9 @@ def load_parsing_data(config: Config) -> ParsingData:
 @torch.no_grad()
 def _evaluate_parser(model: nn.Module, data: ParsingData, split: str) -> tuple[float, float]:
     """Dev: the mean cross-entropy on the dev oracle's examples and UAS; test: UAS (loss not computed)."""
-    model.eval()
     loss = float("nan")
     if split == "dev" and len(data.dev_y):
-        loss = sum(F.cross_entropy(model(data.dev_x[i:i + EVAL_BATCH]), data.dev_y[i:i + EVAL_BATCH],
-                                   reduction="sum").item() for i in range(0, len(data.dev_y), EVAL_BATCH))
-        loss /= len(data.dev_y)
+        loss, _ = evaluate_classifier(model, data.dev_x, data.dev_y)
     uas, _ = evaluate_parser(model, data.dev_sentences if split == "dev" else data.test_sentences, data.vocabulary)
     return loss, uas
 
