@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .conllu import Sentence
-from .parsing import NULL, ROOT_TOKEN, Configuration, attachment_scores, base_relation, features, oracle, transitions
+from .parsing import (NULL, ROOT_TOKEN, SHIFT, Configuration, attachment_scores, base_relation, features, oracle,
+                      transitions)
 from .pos_data import word_key
 
 UNKNOWN = "<unknown>"
@@ -88,7 +89,9 @@ def parse_all(model: torch.nn.Module, sentences: Sequence[Sentence], vocabulary:
     current configuration of every unfinished sentence; each takes its best legal transition."""
     configs = [Configuration(len(s.words)) for s in sentences]
     names = vocabulary.transitions
-    legal_masks = {}
+    # legality depends only on a transition's kind (shift, left arc, right arc): one mask per kind
+    kinds = {kind: torch.tensor([name.split("|")[0] == kind for name in names]) for kind in (SHIFT, "L", "R")}
+    legal_masks: dict[tuple[bool, ...], torch.Tensor] = {}
     while True:
         active = [i for i, c in enumerate(configs) if not c.terminal]
         if not active:
@@ -99,11 +102,11 @@ def parse_all(model: torch.nn.Module, sentences: Sequence[Sentence], vocabulary:
             scores = model(inputs)
             for row, i in enumerate(chunk):
                 config = configs[i]
-                shape = (len(config.stack) > 2, len(config.stack) == 2 and config.buffer_start > config.n,
-                         config.buffer_start <= config.n)
-                if shape not in legal_masks:
-                    legal_masks[shape] = torch.tensor([config.legal(name) for name in names])
-                choice = int(scores[row].masked_fill(~legal_masks[shape], float("-inf")).argmax())
+                allowed = tuple(config.legal(kind if kind == SHIFT else f"{kind}|") for kind in kinds)
+                if allowed not in legal_masks:
+                    legal_masks[allowed] = torch.stack([mask for mask, ok in zip(kinds.values(), allowed) if ok]
+                                                       ).any(dim=0)
+                choice = int(scores[row].masked_fill(~legal_masks[allowed], float("-inf")).argmax())
                 config.apply(names[choice])
 
 
