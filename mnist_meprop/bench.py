@@ -300,12 +300,21 @@ def _time_interleaved(subjects: list[_Subject], batches, steps: int, rounds: int
     for subject in subjects:
         _time_steps(subject, batches, warmup, stamps)
         subject.replay(max(1, warmup // 4))
+
+    def measure(subject: _Subject, index: int) -> dict[str, float]:
+        timings = _time_steps(subject, batches, steps, stamps, offset=index * steps)
+        timings["linear_backward"] = subject.replay(steps)
+        return timings
+    interleaved_rounds(subjects, rounds, measure)
+
+
+def interleaved_rounds(subjects: list[Any], rounds: int, measure: Callable[[Any, int], dict[str, float]]) -> None:
+    """``rounds`` rounds in which every subject, in a rotating order, is measured once (``measure(subject,
+    round_index)``), so that drift on a noisy machine hits them alike; results go to each one's ``rounds``."""
     for index in range(rounds):
         shift = index % len(subjects)
         for subject in subjects[shift:] + subjects[:shift]:
-            timings = _time_steps(subject, batches, steps, stamps, offset=index * steps)
-            timings["linear_backward"] = subject.replay(steps)
-            subject.rounds.append(timings)
+            subject.rounds.append(measure(subject, index))
 
 
 def _median_of(subject: _Subject, phase: str) -> float:

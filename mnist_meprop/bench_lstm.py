@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bench import NOISY_SPREAD, ratio_of_rounds, timed_step
+from .bench import NOISY_SPREAD, interleaved_rounds, ratio_of_rounds, timed_step
 from .config import validate
 from .ops import time_linear_backward
 from .optim import build_optimizer, stock_optimizer
@@ -161,10 +161,7 @@ def run_lstm_bench(ks: tuple[int, ...] = (5, 10, 20), d_hidden: int = 500, words
     subjects += [_subject("meprop", k, d_hidden) for k in ks]
     for subject in subjects:
         _round(subject, sentences, warmup)
-    for index in range(rounds):
-        shift = index % len(subjects)
-        for subject in subjects[shift:] + subjects[:shift]:
-            subject.rounds.append(_round(subject, sentences, steps))
+    interleaved_rounds(subjects, rounds, lambda subject, _: _round(subject, sentences, steps))
     stock, ours_k0 = subjects[0], subjects[1]
     records = []
     for subject in subjects:
