@@ -36,11 +36,6 @@ TABLES = ("1", "2", "3", "4", "5", "6", "fig4", "mesimp", "early", "ablation")
 # authors' README row.
 POS_TABLES = ("1", "3", "4", "readme")
 POS_DATASETS = ("ewt",)
-
-
-def tables_for(dataset: str) -> tuple[str, ...]:
-    """The tables ``meprop reproduce --dataset`` can reproduce: the POS rows for EWT, else MNIST's."""
-    return POS_TABLES if dataset in POS_DATASETS else TABLES
 # --quick: a few hundred examples, one epoch; enough to exercise every table and plot.
 QUICK = {"dev_size": 200, "train_limit": 400, "test_limit": 300, "n_epoch": 1}
 TIME_METRICS = {
@@ -90,9 +85,15 @@ AUTHORS_DATA = "authors-csharp.yaml"
 EARLY_EPOCHS = 3  # the early-training figure and the ablation's early-loss column cover the first 3 epochs
 
 
+def tables_for(dataset: str) -> tuple[str, ...]:
+    """The tables ``meprop reproduce --dataset`` can reproduce: the POS rows for EWT, else MNIST's."""
+    return POS_TABLES if dataset in POS_DATASETS else TABLES
+
+
 def spec_path(name: str, dataset: str = "mnist") -> Path:
-    file = f"pos-{name}.yaml" if name == "readme" else f"pos-table{name}.yaml"
-    if dataset not in POS_DATASETS:
+    if dataset in POS_DATASETS:
+        file = "pos-readme.yaml" if name == "readme" else f"pos-table{name}.yaml"
+    else:
         file = SPEC_FILES.get(name, f"table{name}.yaml")
     return Path(str(resources.files("mnist_meprop") / "paper" / file))
 
@@ -568,10 +569,9 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
         f"epochs: {'1 (quick)' if quick else (epochs or 'as the paper, 20')}"
         + (f"; Figure 4: seeds 1-{fig4_seeds}, epochs {'1 (quick)' if quick else (fig4_epochs or 20)}"
            if "fig4" in [spec.name for spec in specs] and (fig4_seeds, fig4_epochs) != (seeds, epochs) else "")
-        + (f"; quick subset: {QUICK['train_limit']} train / {QUICK['dev_size']} dev / {QUICK['test_limit']} test"
-           if quick and not pos else "")
-        + (f"; quick subset: the first {QUICK['train_limit']} train and {QUICK['test_limit']} dev and test sentences"
-           if quick and pos else ""),
+        + ((f"; quick subset: the first {QUICK['train_limit']} train and {QUICK['test_limit']} dev and test sentences"
+            if pos else f"; quick subset: {QUICK['train_limit']} train / {QUICK['dev_size']} dev / "
+                        f"{QUICK['test_limit']} test") if quick else ""),
         f"- torch {env['torch']}, {threads_text} thread(s) per run, {env['cpu']} ({env['cpu_count']} CPUs), "
         f"Python {env['python']}",
         "- accuracies: test accuracy (%) at the best dev epoch, mean ± std over seeds; times: speedup of the",
