@@ -57,8 +57,7 @@ def _run_and_report(configs: Sequence[Config], out: str | None, fresh: bool, exe
                    f"finished epoch is checkpointed; run the same command again to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except WorkerLost as error:
-        click.echo(f"meprop: error: {error}", err=True)
-        sys.exit(EXIT_RUN_FAILED)
+        _fail(error, EXIT_RUN_FAILED)
     rows = summarize(records)
     failed = failures(records)
     heading = _heading(configs[0], records)
@@ -71,9 +70,10 @@ def _run_and_report(configs: Sequence[Config], out: str | None, fresh: bool, exe
         sys.exit(EXIT_RUN_FAILED)
 
 
-def _fail(message: object) -> None:
+def _fail(message: object, code: int = EXIT_BAD_INPUT) -> None:
+    """One line on stderr and exit: 2 for bad input, 1 for a run lost on the way."""
     click.echo(f"meprop: error: {message}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(code)
 
 
 _config_option = click.option("--config", "config_path", metavar="FILE",
@@ -270,8 +270,7 @@ def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int
                    err=True)
         sys.exit(EXIT_INTERRUPTED)
     except WorkerLost as error:
-        click.echo(f"meprop: error: {error}", err=True)
-        sys.exit(EXIT_RUN_FAILED)
+        _fail(error, EXIT_RUN_FAILED)
     click.echo(f"\nwrote {report} (tables as CSV and Figure 4 plots beside it)")
 
 

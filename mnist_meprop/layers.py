@@ -58,9 +58,14 @@ class MePropLinear(nn.Linear):
                              counter, self.bias_grad)
 
     def extra_repr(self) -> str:
-        mode = "unified" if self.unified else "per_example"
-        return (f"{super().extra_repr()}, k={self.k}, mode={mode}, selection={self.selection}"
-                + (f", bias_grad={self.bias_grad}" if self.bias_grad != "masked" else ""))
+        return f"{super().extra_repr()}, {_meprop_repr(self)}"
+
+
+def _meprop_repr(layer: nn.Module) -> str:
+    """The meProp settings of a layer, for its ``repr``."""
+    mode = "unified" if layer.unified else "per_example"
+    return (f"k={layer.k}, mode={mode}, selection={layer.selection}"
+            + (f", bias_grad={layer.bias_grad}" if layer.bias_grad != "masked" else ""))
 
 
 def _check_choices(selection: str, bias_grad: str) -> None:
@@ -123,8 +128,7 @@ class MePropLSTM(nn.LSTM):
         return out, (h.unsqueeze(0), c.unsqueeze(0))
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, k={self.k}, mode={'unified' if self.unified else 'per_example'}, "
-                f"selection={self.selection}" + (f", bias_grad={self.bias_grad}" if self.bias_grad != "masked" else ""))
+        return f"{super().extra_repr()}, {_meprop_repr(self)}"
 
 
 class MePropLSTMCell(nn.LSTMCell):
