@@ -113,13 +113,13 @@ class _MePropLSTMFunction(torch.autograd.Function):
             linear_seconds = time.perf_counter() - start  # the gates' elementwise backward included
         else:
             dx, dh, dc, dw_ih, dw_hh, db, linear_seconds = _backward_through_time(
-                ctx, x, w_ih, w_hh, cs, gates, previous_h, d_out, dh, dc)
+                ctx, x, w_ih, w_hh, cs, tanh_cs, gates, previous_h, d_out, dh, dc)
         if ops._active_clock is not None:
             ops._active_clock.seconds += linear_seconds
         return dx, dh, dc, dw_ih, dw_hh, db, (db.clone() if db is not None else None), None, None, None, None, None
 
 
-def _backward_through_time(ctx, x, w_ih, w_hh, cs, gates, previous_h, d_out, dh, dc):
+def _backward_through_time(ctx, x, w_ih, w_hh, cs, tanh_cs, gates, previous_h, d_out, dh, dc):
     """BPTT step by step with torch ops (unified or random selection, dense k, other devices).
     Returns the gradients and the seconds spent in its linear parts."""
     steps, n, width = gates.shape
@@ -131,7 +131,7 @@ def _backward_through_time(ctx, x, w_ih, w_hh, cs, gates, previous_h, d_out, dh,
     for t in range(steps - 1, -1, -1):
         i, f, g, o = gates[t].split(hidden, dim=1)
         dh = dh + d_out[t]
-        tanh_c = cs[t + 1].tanh()
+        tanh_c = tanh_cs[t]  # tanh(c_t), kept by the forward
         dc = dc + dh * o * (1 - tanh_c * tanh_c)
         da = torch.cat((dc * g * i * (1 - i), dc * cs[t] * f * (1 - f), dc * i * (1 - g * g),
                         dh * tanh_c * o * (1 - o)), dim=1)
