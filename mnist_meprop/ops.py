@@ -166,6 +166,14 @@ def _row_sparse_backward(dy2, x2, weight, k, unified, selection, needs_dx, needs
     columns; per-example mode touches only each example's own k rows. A ``counter`` records the
     selected indices.
     """
+    kernels = cpu_kernels() if dy2.device.type == "cpu" else None
+    if unified and kernels is not None and selection == "topk":  # one call instead of half a dozen ops
+        dx, rows, w_values, b_values = kernels.unified_backward(
+            dy2.contiguous(), x2.contiguous() if needs_dw else None, weight.contiguous() if needs_dx else None,
+            k, needs_dx, needs_dw)
+        if counter is not None:
+            counter.record(rows, dy2.shape[0])
+        return dx, rows, w_values, b_values
     if unified:
         rows = select_indices(dy2, k, True, selection).sort().values
         if counter is not None:
@@ -174,7 +182,6 @@ def _row_sparse_backward(dy2, x2, weight, k, unified, selection, needs_dx, needs
         dx = dy_kept.mm(weight.index_select(0, rows)) if needs_dx else None
         w_values = dy_kept.t().mm(x2) if needs_dw else None
         return dx, rows, w_values, dy_kept.sum(dim=0)
-    kernels = cpu_kernels() if dy2.device.type == "cpu" else None
     if kernels is not None:
         given = None
         if selection != "topk" or counter is not None:  # the kernel picks top-k itself unless given the sets
