@@ -74,6 +74,28 @@ def test_two_fused_steps_equal_the_stock_optimizer_on_the_masked_gradients(setti
         torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [1, 10, 64, 65])
+def test_the_fused_forward_at_the_paper_sizes_equals_the_layers(n):
+    """At the paper's widths a small minibatch's forward is split between threads (one GEMM per
+    thread on a part of the weight rows): the logits and loss must not change."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        config = validate({"d_hidden": 500, "n_layer": 3, "engine": "fused", "k": 20})
+        torch.manual_seed(0)
+        model = build_model(config, 784, 10)
+        reference = copy.deepcopy(model)
+        fused = FusedMLPStep(config, model, build_optimizer(config, model))
+        x, y = torch.rand(n, 784), torch.randint(0, 10, (n,))
+        loss, logits, _ = fused.step(x, y)
+        with torch.no_grad():
+            want = reference(x)
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(want, y))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_fused_steps_follow_the_autograd_path_with_the_exact_update(setting):
     overrides = SETTINGS[setting]
