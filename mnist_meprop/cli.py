@@ -222,13 +222,19 @@ def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: in
 
 @main.command("reproduce")
 @click.option("--table", "table", default="all", show_default=True,
-              metavar="1|2|3|4|5|6|fig4|mesimp|early|ablation|all[,...]",
+              metavar="1|2|3|4|5|6|fig4|mesimp|early|ablation|readme|all[,...]",
               help="Which tables (and/or Figure 4, meSimp, the early-training figure, the ablation of the "
-                   "authors' details) to reproduce; comma-separated for several. With --dataset ewt: the POS-"
-                   "tagging rows, 1|3|4|readme.")
-@click.option("--dataset", type=click.Choice(["sample", "mnist", "fashion-mnist", "idx", "ewt"]), default="sample",
-              show_default=True, help="MNIST-format images for the MLP tables, or ewt (UD English-EWT) for the "
-                                      "POS-tagging rows.")
+                   "authors' details) to reproduce; comma-separated for several. readme alone: the authors' "
+                   "README table over the three tasks (parsing, POS tagging, MNIST), written as "
+                   "<out>/README-TABLE.md from the runs in <out>/parsing-ewt, <out>/pos-ewt and the MNIST "
+                   "dataset's folder (default out: results). With --task pos or parsing: that task's rows, "
+                   "1|3|4|readme.")
+@click.option("--task", type=click.Choice(["mnist", "pos", "parsing"]),
+              help="mnist: the MLP tables (the default); pos, parsing: the POS-tagging or parsing rows on "
+                   "UD English-EWT (--dataset ewt, implied).")
+@click.option("--dataset", type=click.Choice(["sample", "mnist", "fashion-mnist", "idx", "ewt"]),
+              help="MNIST-format images for the MLP tables (default: sample), or ewt (UD English-EWT), which "
+                   "alone means --task pos.")
 @click.option("--data-dir", metavar="DIR", help="Download folder, or the IDX folder for --dataset idx.")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="Seeds 1..N per row.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs per run (default: the paper's 20).")
@@ -240,38 +246,55 @@ def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: in
 @click.option("--report-only", is_flag=True,
               help="Train nothing: write the report from the runs stored so far (missing rows say \"not run\").")
 @_executor_options
-def reproduce_command(table: str, dataset: str, data_dir: str | None, seeds: int, epochs: int | None,
+def reproduce_command(table: str, task: str | None, dataset: str | None, data_dir: str | None, seeds: int,
+                      epochs: int | None,
                       fig4_seeds: int | None, fig4_epochs: int | None, quick: bool,
                       threads: int | None, out: str | None, report_only: bool, executor_name: str,
                       address: str | None, cpus_per_run: int | None, gpus_per_run: float | None) -> None:
-    """Re-run the paper's MNIST tables, Figure 4 and meSimp; print and write paper vs ours (REPORT.md, CSV, PNG)."""
-    from .reproduce import reproduce, tables_for
+    """Re-run the paper's tables (MNIST, POS tagging, parsing), Figure 4, meSimp and the authors' README
+    table; print and write paper vs ours (REPORT.md or README-TABLE.md, CSV, PNG)."""
+    from .reproduce import EWT_DATASET, EWT_TASKS, README_TABLE, readme_table, reproduce, tables_for
 
-    tables = tables_for(dataset)
+    task = task or ("pos" if dataset == EWT_DATASET else "mnist")
+    dataset = dataset or (EWT_DATASET if task in EWT_TASKS else "sample")
+    if (task in EWT_TASKS) != (dataset == EWT_DATASET):
+        _fail(f"--dataset: task {task} runs on {EWT_DATASET if task in EWT_TASKS else 'MNIST-format images'}, "
+              f"got {dataset}")
+    tables = tables_for(task)
     chosen = [part.strip() for part in table.split(",") if part.strip()]
     if "all" in chosen:
-        chosen = list(tables)
+        chosen = [name for name in tables if task in EWT_TASKS or name != README_TABLE]
     unknown = [part for part in chosen if part not in tables]
     if unknown or not chosen:
-        _fail(f"--table: with --dataset {dataset} expected {', '.join(tables)} or all (comma-separated), "
-              f"got {table!r}")
-    out_dir = Path(out) if out else Path("results") / f"reproduce-{dataset}{'-quick' if quick else ''}"
+        _fail(f"--table: with --task {task} expected {', '.join(tables)} or all (comma-separated), got {table!r}")
+    whole_readme = task == "mnist" and README_TABLE in chosen
+    if whole_readme and len(chosen) > 1:
+        _fail(f"--table: {README_TABLE} (the README table over the three tasks) goes alone, got {table!r}")
+    if whole_readme:
+        out_dir = Path(out) if out else Path("results") / ("reproduce-readme-quick" if quick else "")
+    else:
+        folder = f"reproduce-{dataset}" if task == "mnist" else f"reproduce-{task}-{dataset}"
+        out_dir = Path(out) if out else Path("results") / f"{folder}{'-quick' if quick else ''}"
     command = "meprop " + " ".join(sys.argv[1:]) if sys.argv[1:] else "meprop reproduce"
     try:
         executor = make_executor(executor_name, address, cpus_per_run, gpus_per_run, threads)
         with (executor if not report_only else LocalExecutor()) as running, stop_on_signals() as should_stop:
-            report = reproduce(chosen, dataset, data_dir, seeds, epochs, quick, out_dir, command, threads,
-                               should_stop=should_stop, fig4_seeds=fig4_seeds, fig4_epochs=fig4_epochs,
-                               report_only=report_only, executor=running)
+            if whole_readme:
+                report = readme_table(dataset, data_dir, seeds, epochs, quick, out_dir, command, threads,
+                                      should_stop=should_stop, report_only=report_only, executor=running)
+            else:
+                report = reproduce(chosen, dataset, data_dir, seeds, epochs, quick, out_dir, command, threads,
+                                   should_stop=should_stop, fig4_seeds=fig4_seeds, fig4_epochs=fig4_epochs,
+                                   report_only=report_only, executor=running, task=task)
     except MePropError as error:
         _fail(error)
     except (RunInterrupted, KeyboardInterrupt):
-        click.echo(f"interrupted: finished runs are in {out_dir / 'runs'}; run the same command again to resume",
-                   err=True)
+        where = "each task's folder under " + str(out_dir) if whole_readme else str(out_dir / "runs")
+        click.echo(f"interrupted: finished runs are in {where}; run the same command again to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except WorkerLost as error:
         _fail(error, EXIT_RUN_FAILED)
-    click.echo(f"\nwrote {report} (tables as CSV and Figure 4 plots beside it)")
+    click.echo(f"\nwrote {report}" + ("" if whole_readme else " (tables as CSV and Figure 4 plots beside it)"))
 
 
 @main.command("export")

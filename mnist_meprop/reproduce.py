@@ -1,5 +1,5 @@
-"""``meprop reproduce``: the paper's MNIST tables and Figure 4 (and its POS-tagging rows on EWT), paper
-numbers next to ours.
+"""``meprop reproduce``: the paper's MNIST tables and Figure 4, its POS-tagging and parsing rows on EWT,
+and the authors' README table over the three tasks; paper numbers next to ours.
 
 Each table is a YAML file in ``mnist_meprop/paper/`` (``configs/paper/`` in the repository):
 a base config, and rows that override it and carry the paper's numbers. All runs go through
@@ -32,10 +32,13 @@ from .store import latest_by_key, model_path, read_records, run_key
 from .train import LOSS_PARTS
 
 TABLES = ("1", "2", "3", "4", "5", "6", "fig4", "mesimp", "early", "ablation")
-# --dataset ewt reproduces the POS-tagging rows instead (paper/pos-*.yaml): Tables 1, 3, 4 and the
-# authors' README row.
-POS_TABLES = ("1", "3", "4", "readme")
-POS_DATASETS = ("ewt",)
+# The POS-tagging and parsing tasks (on EWT) have Tables 1, 3, 4 and the authors' README row
+# (paper/pos-*.yaml, paper/parsing-*.yaml).
+EWT_TABLES = ("1", "3", "4", "readme")
+EWT_TASKS = ("pos", "parsing")
+EWT_DATASET = "ewt"
+# With an MNIST dataset, "readme" is the authors' README table: one row per task (readme_table).
+README_TABLE = "readme"
 # --quick: a few hundred examples, one epoch; enough to exercise every table and plot.
 QUICK = {"dev_size": 200, "train_limit": 400, "test_limit": 300, "n_epoch": 1}
 TIME_METRICS = {
@@ -80,19 +83,20 @@ class TableSpec:
     authors: list[str] = field(default_factory=list)  # the early figure's authors' runs
 
 
-SPEC_FILES = {"fig4": "fig4.yaml", "mesimp": "mesimp.yaml", "early": "early.yaml", "ablation": "ablation.yaml"}
+SPEC_FILES = {"fig4": "fig4.yaml", "mesimp": "mesimp.yaml", "early": "early.yaml", "ablation": "ablation.yaml",
+              README_TABLE: "readme.yaml"}
 AUTHORS_DATA = "authors-csharp.yaml"
 EARLY_EPOCHS = 3  # the early-training figure and the ablation's early-loss column cover the first 3 epochs
 
 
-def tables_for(dataset: str) -> tuple[str, ...]:
-    """The tables ``meprop reproduce --dataset`` can reproduce: the POS rows for EWT, else MNIST's."""
-    return POS_TABLES if dataset in POS_DATASETS else TABLES
+def tables_for(task: str) -> tuple[str, ...]:
+    """The tables ``meprop reproduce`` has for a task: MNIST's (and the README table), or an EWT task's."""
+    return EWT_TABLES if task in EWT_TASKS else (*TABLES, README_TABLE)
 
 
-def spec_path(name: str, dataset: str = "mnist") -> Path:
-    if dataset in POS_DATASETS:
-        file = "pos-readme.yaml" if name == "readme" else f"pos-table{name}.yaml"
+def spec_path(name: str, task: str = "mnist") -> Path:
+    if task in EWT_TASKS:
+        file = f"{task}-readme.yaml" if name == "readme" else f"{task}-table{name}.yaml"
     else:
         file = SPEC_FILES.get(name, f"table{name}.yaml")
     return Path(str(resources.files("mnist_meprop") / "paper" / file))
@@ -117,8 +121,8 @@ def ablation_rows(data: dict[str, Any]) -> list[Row]:
     return rows
 
 
-def load_spec(name: str, dataset: str = "mnist") -> TableSpec:
-    data = yaml.safe_load(spec_path(name, dataset).read_text(encoding="utf-8"))
+def load_spec(name: str, task: str = "mnist") -> TableSpec:
+    data = yaml.safe_load(spec_path(name, task).read_text(encoding="utf-8"))
     rows = [Row(r["label"], r.get("set", {}), r.get("paper", {}), r.get("baseline"),
                 reduced_from=r.get("reduced_from"), authors=r.get("authors"))
             for r in data.get("rows", [])]
@@ -145,7 +149,7 @@ def fig4_rows(spec: TableSpec) -> list[Row]:
 
 def data_settings(dataset: str, data_dir: str | None) -> dict[str, Any]:
     """Dataset keys: the paper's dev set of 5,000, or 1,000 for the 8,000-image bundled sample."""
-    if dataset in POS_DATASETS:  # EWT's own dev file
+    if dataset == EWT_DATASET:  # EWT's own dev file
         return {"dataset": dataset, **({"data_dir": data_dir} if data_dir is not None else {})}
     settings: dict[str, Any] = {"dataset": dataset, "dev_size": 1000 if dataset == "sample" else 5000}
     if data_dir is not None:
@@ -521,8 +525,11 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
               quick: bool, out_dir: Path, command: str, threads: int | None = None,
               log: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
               fig4_seeds: int | None = None, fig4_epochs: int | None = None, report_only: bool = False,
-              executor: Executor | None = None) -> Path:
+              executor: Executor | None = None, task: str | None = None) -> Path:
     """Run every requested table (resuming), write CSVs, plots and ``REPORT.md``; returns the report path.
+
+    ``task`` is ``mnist`` (the MLP tables, on ``dataset``), ``pos`` or ``parsing`` (on EWT); by default
+    ``pos`` for ``dataset="ewt"``, else ``mnist``.
 
     ``fig4_seeds`` and ``fig4_epochs`` let Figure 4's 28 series points use fewer seeds or epochs
     than the tables (the report says so). A hand-written ``NOTES.md`` in ``out_dir`` (where and
@@ -532,8 +539,9 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
     runs (default: in this process; see :mod:`mnist_meprop.executors`).
     """
     log = log or to_stderr
+    task = task or ("pos" if dataset == EWT_DATASET else "mnist")
     data = data_settings(dataset, data_dir)
-    specs = [load_spec(name, dataset) for name in tables]
+    specs = [load_spec(name, task) for name in tables]
     fig4_seeds = fig4_seeds or seeds
     fig4_epochs = fig4_epochs or epochs
     built = [(spec, build_configs(spec, data, list(range(1, (fig4_seeds if spec.name == "fig4" else seeds) + 1)),
@@ -541,13 +549,7 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
              for spec in specs]
     configs = all_configs(built)
     log(f"reproduce: {len(configs)} distinct runs for {', '.join(s.name for s in specs)} into {out_dir / 'runs'}")
-    started = time.monotonic()
-    if report_only:
-        by_key = latest_by_key(read_records(out_dir / "runs", log))
-    else:
-        records = run_experiments(configs, out_dir / "runs", log=_with_eta(log, len(configs), started),
-                                  should_stop=should_stop, executor=executor)
-        by_key = {record["key"]: record for record in records}
+    by_key = _run_or_read(configs, out_dir / "runs", report_only, log, should_stop, executor)
     for spec, rows in built:  # rows sized by other rows' results (meSimp's reduced MLP) run second
         reduced_configs(spec, rows, by_key)
     extra = [c for _, rows in built for row in rows if row.reduced_from for c in row.configs]
@@ -560,7 +562,7 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
     env = environment()
     run_threads = sorted({by_key[run_key(c)]["env"]["threads"] for c in configs if run_key(c) in by_key})
     threads_text = " / ".join(map(str, run_threads)) if run_threads else str(env["threads"])
-    pos = dataset in POS_DATASETS
+    ewt = task in EWT_TASKS
     sections = [
         "# meProp reproduction report",
         "",
@@ -570,7 +572,7 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
         + (f"; Figure 4: seeds 1-{fig4_seeds}, epochs {'1 (quick)' if quick else (fig4_epochs or 20)}"
            if "fig4" in [spec.name for spec in specs] and (fig4_seeds, fig4_epochs) != (seeds, epochs) else "")
         + ((f"; quick subset: the first {QUICK['train_limit']} train and {QUICK['test_limit']} dev and test sentences"
-            if pos else f"; quick subset: {QUICK['train_limit']} train / {QUICK['dev_size']} dev / "
+            if ewt else f"; quick subset: {QUICK['train_limit']} train / {QUICK['dev_size']} dev / "
                         f"{QUICK['test_limit']} test") if quick else ""),
         f"- torch {env['torch']}, {threads_text} thread(s) per run, {env['cpu']} ({env['cpu_count']} CPUs), "
         f"Python {env['python']}",
@@ -578,7 +580,7 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
         "  row over its backprop baseline (absolute seconds depend on the machine, so the paper's are not compared)",
         *(["- the authors' C# program's numbers come from its logs on this machine "
            "(`mnist_meprop/paper/authors-csharp.yaml`,", "  with their provenance); its runs stopped after the number "
-           "of epochs shown"] if not pos else
+           "of epochs shown"] if not ewt else
           ["- the paper's numbers are on WSJ (Penn Treebank), ours on UD English-EWT r2.16: compare ours with ours,",
            "  backprop with meProp; the paper's accuracies and times are context"]),
         *([f"- **partial report**: {done} of {len(configs)} runs stored so far; the seeds column counts the runs "
@@ -622,6 +624,107 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
     report = out_dir / "REPORT.md"
     report.write_text("\n".join(sections) + "\n", encoding="utf-8")
     return report
+
+
+def _run_or_read(configs: Sequence[Config], runs_dir: Path, report_only: bool, log: Callable[[str], None],
+                 should_stop: Callable[[], bool] | None, executor: Executor | None) -> dict[str, dict[str, Any]]:
+    """The records of ``configs`` by run key: trained where missing (resuming), or, with ``report_only``,
+    whatever ``runs_dir`` holds so far."""
+    if report_only:
+        return latest_by_key(read_records(runs_dir, log))
+    records = run_experiments(configs, runs_dir, log=_with_eta(log, len(configs), time.monotonic()),
+                              should_stop=should_stop, executor=executor)
+    return {record["key"]: record for record in records}
+
+
+# The authors' README table: its tasks in its order, each with its folder under the results root
+# (the task's own reproduction writes there too, so the runs are shared).
+README_TASKS = (("parsing", "Parsing", "UAS"), ("pos", "POS tagging", "accuracy %"), ("mnist", "MNIST", "accuracy %"))
+MNIST_FOLDERS = {"mnist": "mnist", "sample": "mnist-sample", "fashion-mnist": "fashion-mnist", "idx": "mnist-idx"}
+
+
+def task_folder(task: str, dataset: str) -> str:
+    """The results folder of a task's reproduction: ``parsing-ewt``, ``pos-ewt``, or the MNIST dataset's."""
+    return f"{task}-{EWT_DATASET}" if task in EWT_TASKS else MNIST_FOLDERS[dataset]
+
+
+def readme_table(dataset: str, data_dir: str | None, seeds: int, epochs: int | None, quick: bool, root: Path,
+                 command: str, threads: int | None = None, log: Callable[[str], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, report_only: bool = False,
+                 executor: Executor | None = None, ewt_dir: str | None = None) -> Path:
+    """The authors' README table (parsing, POS tagging, MNIST: backprop time and test score, backprop vs
+    meProp), paper next to ours: trains each task's README rows where missing, into
+    ``root/<task folder>/runs``, and writes ``root/README-TABLE.md``; returns its path. MNIST's row runs
+    on ``dataset`` (``data_dir``), the other two on EWT (``ewt_dir``, default: where they download)."""
+    log = log or to_stderr
+    lines = []
+    seed_list = list(range(1, seeds + 1))
+    for task, name, metric in README_TASKS:
+        on = EWT_DATASET if task in EWT_TASKS else dataset
+        spec = load_spec(README_TABLE, task)
+        rows = build_configs(spec, data_settings(on, ewt_dir if task in EWT_TASKS else data_dir), seed_list,
+                             epochs, quick, threads)
+        runs_dir = root / task_folder(task, on) / "runs"
+        log(f"readme table, {name}: {len(all_configs([(spec, rows)]))} runs in {runs_dir}")
+        by_key = _run_or_read(all_configs([(spec, rows)]), runs_dir, report_only, log, should_stop, executor)
+        lines.append(_readme_line(f"{name} ({metric})", rows, by_key))
+    headers = ["task (test score)", "paper: backprop", "paper: meProp", "ours: backprop", "ours: meProp", "seeds"]
+    env = environment()
+    text = "\n".join([
+        "# The authors' README table: backprop vs meProp on the paper's three tasks",
+        "",
+        f"- command: `{command}`",
+        f"- ours: MNIST on {dataset}, parsing and POS tagging on UD English-EWT r2.16 (the paper: WSJ); seeds "
+        f"1-{seeds}; epochs: {'1, on a quick subset' if quick else (epochs or 'as the paper, 20')}; torch "
+        f"{env['torch']}, {env['cpu']} ({env['cpu_count']} CPUs)",
+        "- each cell: linear backprop time (the linear layers' backward, summed over the run), with meProp's speedup "
+        "over backprop; then the test score at the best dev epoch, with meProp's difference to backprop; ours are "
+        "means over seeds",
+        "- the paper's times are its C# program's on its machine (per epoch for parsing and POS tagging), ours are "
+        "whole runs here: compare the speedups, not the seconds. The authors' README prints the parsing difference as +0.04 (88.94 against "
+        "89.80: it is inconsistent as published)",
+        "",
+        markdown(headers, lines),
+        "",
+    ])
+    path = root / "README-TABLE.md"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    log(f"\n{markdown(headers, lines)}")
+    return path
+
+
+def _readme_line(task: str, rows: list[Row], by_key: dict[str, dict[str, Any]]) -> list[str]:
+    """One README-table row: the task, then paper and ours for backprop (the first row) and meProp (the row
+    whose baseline it is), each as time and score, meProp's with its speedup and difference."""
+    base, meprop = rows[0], next(row for row in rows if row.baseline == rows[0].label)
+    cells = [task]
+    if all(row.paper.get(key) is not None for row in (base, meprop) for key in ("linear_backward_s", "test")):
+        base_time, base_score = base.paper["linear_backward_s"], base.paper["test"]
+        cells += [_readme_cell(base_time, base_score),
+                  _readme_cell(meprop.paper["linear_backward_s"], meprop.paper["test"], None, base_time, base_score)]
+    else:
+        cells += ["", ""]
+    ours_base, ours_meprop = row_values(base.configs, by_key), row_values(meprop.configs, by_key)
+    if ours_base["test"] and ours_meprop["test"]:
+        base_time, base_score = statistics.fmean(ours_base["linear_backward_s"]), statistics.fmean(ours_base["test"])
+        cells += [_readme_cell(base_time, base_score, mean_std(ours_base["test"])[1]),
+                  _readme_cell(statistics.fmean(ours_meprop["linear_backward_s"]), statistics.fmean(ours_meprop["test"]),
+                               mean_std(ours_meprop["test"])[1], base_time, base_score)]
+    else:
+        cells += [_missing(base, by_key) if not ours_base["test"] else "",
+                  _missing(meprop, by_key) if not ours_meprop["test"] else ""]
+    return cells + [f"{len(ours_base['test'])} / {len(ours_meprop['test'])}"]
+
+
+def _readme_cell(time_s: float, score: float, std: float | None = None, base_time: float | None = None,
+                 base_score: float | None = None) -> str:
+    """``time s [(speedup over base)], score [± std] [(difference to base)]``."""
+    speedup = f" ({base_time / time_s:.1f}x)" if base_time and time_s > 0 else ""
+    spread = f" ± {std:.2f}" if std else ""
+    difference = f" ({score - base_score:+.2f})" if base_score is not None else ""
+    seconds = f"{time_s:,.0f}" if time_s >= 100 else f"{time_s:.3g}"
+    return f"{seconds} s{speedup}, {score:.2f}{spread}{difference}"
 
 
 def _with_eta(log: Callable[[str], None], total: int, started: float) -> Callable[[str], None]:

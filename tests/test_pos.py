@@ -163,4 +163,4 @@ def test_reproduce_writes_the_pos_tables(treebank, tmp_path):
 
 def test_reproduce_cli_knows_which_tables_each_dataset_has(tmp_path):
     result = CliRunner().invoke(main, ["reproduce", "--dataset", "ewt", "--table", "fig4", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "with --dataset ewt expected 1, 3, 4, readme" in result.output
+    assert result.exit_code == 2 and "with --task pos expected 1, 3, 4, readme" in result.output

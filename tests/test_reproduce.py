@@ -1,6 +1,7 @@
 """``meprop reproduce --quick`` produces every table and plot, with the paper's numbers beside ours."""
 
 import csv
+import json
 
 from click.testing import CliRunner
 
@@ -127,3 +128,71 @@ def test_report_only_trains_nothing_and_says_what_is_missing(tmp_path):
     assert table4[1][3] == "not run"
     table3 = {row[0]: row for row in csv.reader((tmp_path / "table3.csv").open())}
     assert table3["backprop, hidden 20"][1] == "1"  # one of the two seeds is stored
+
+
+def test_the_parsing_tables_reproduce_on_a_tiny_treebank(tmp_path):
+    from mnist_meprop.reproduce import reproduce
+    data_dir = _tiny_treebank(tmp_path)
+    report = reproduce(["1", "3"], "ewt", str(data_dir), 1, None, True, tmp_path / "parsing", "meprop reproduce",
+                       threads=1, log=lambda line: None, task="parsing")
+    text = report.read_text()
+    assert "Table 1 (parsing)" in text and "Table 3 (parsing)" in text and "not run" not in text
+    assert "18.6x" in text  # the paper's Adam speedup, from its times (9,078 s against 489 s)
+    records = [json.loads(line) for line in (tmp_path / "parsing" / "runs" / "runs.jsonl").read_text().splitlines()]
+    # Table 1's four rows and Table 3's hidden-20 MLP; Table 3's meProp row is Table 1's Adam k=20 run
+    assert len(records) == 5 and {r["config"]["task"] for r in records} == {"parsing"}
+
+
+def test_the_readme_table_has_the_three_tasks_from_their_own_folders(tmp_path):
+    from mnist_meprop.reproduce import readme_table
+    data_dir = _tiny_treebank(tmp_path)
+    root = tmp_path / "results"
+    lines: list[str] = []
+    path = readme_table("sample", None, 1, None, True, root, "meprop reproduce --table readme --quick", threads=1,
+                        log=lines.append, ewt_dir=str(data_dir))
+    assert path == root / "README-TABLE.md"
+    rows = [line for line in path.read_text().splitlines() if line.startswith("| ") and "task" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["Parsing (UAS)", "POS tagging (accuracy %)",
+                                                           "MNIST (accuracy %)"]
+    parsing = [cell.strip() for cell in rows[0].split("|")[1:-1]]
+    assert parsing[1:3] == ["9,078 s, 89.80", "489 s (18.6x), 88.94 (-0.86)"]  # the paper, recomputed
+    for row in rows:
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        assert cells[3].endswith(tuple("0123456789")) and "x), " in cells[4] and cells[5] == "1 / 1", row
+    for folder, task in [("parsing-ewt", "parsing"), ("pos-ewt", "pos"), ("mnist-sample", "mnist")]:
+        records = [json.loads(line) for line in (root / folder / "runs" / "runs.jsonl").read_text().splitlines()]
+        assert len(records) == 2 and {r["config"]["task"] for r in records} == {task}
+    # the stored runs are the table: nothing trains again, and the same table comes out
+    again = readme_table("sample", None, 1, None, True, root, "meprop reproduce --table readme --quick", threads=1,
+                         log=lines.append, ewt_dir=str(data_dir), report_only=True)
+    assert again.read_text().split("\n| ")[1:] == path.read_text().split("\n| ")[1:]
+
+
+def test_the_mnist_readme_rows_share_table_1s_backprop_run():
+    from mnist_meprop.store import run_key
+    data = data_settings("mnist", None)
+    table1 = {row.label: row for row in build_configs(load_spec("1"), data, [1, 2], None, False, 1)}
+    readme = {row.label: row for row in build_configs(load_spec("readme"), data, [1, 2], None, False, 1)}
+    assert [run_key(c) for c in readme["backprop"].configs] == [run_key(c) for c in table1["Adam, backprop"].configs]
+    assert readme["meProp top-80"].configs[0].k == 80
+
+
+def test_readme_goes_alone_and_tasks_take_their_datasets(tmp_path):
+    mixed = CliRunner().invoke(main, ["reproduce", "--table", "1,readme", "--out", str(tmp_path)])
+    assert mixed.exit_code == 2 and "goes alone" in mixed.output
+    wrong = CliRunner().invoke(main, ["reproduce", "--task", "parsing", "--dataset", "mnist", "--out", str(tmp_path)])
+    assert wrong.exit_code == 2 and "task parsing runs on ewt" in wrong.output
+    unknown = CliRunner().invoke(main, ["reproduce", "--task", "parsing", "--table", "5", "--out", str(tmp_path)])
+    assert unknown.exit_code == 2 and "with --task parsing expected 1, 3, 4, readme" in unknown.output
+
+
+def _tiny_treebank(tmp_path):
+    """A data_dir with the made-up EWT files of tests/test_pos.py (every split: the four sentences)."""
+    from test_pos import SENTENCES, conllu
+
+    from mnist_meprop.conllu import EWT_FILES, EWT_FOLDER
+    folder = tmp_path / "ewt" / EWT_FOLDER
+    folder.mkdir(parents=True)
+    for split, (name, _) in EWT_FILES.items():
+        (folder / name).write_text(conllu(SENTENCES * (5 if split == "train" else 1)))
+    return tmp_path / "ewt"
