@@ -46,6 +46,23 @@ def test_sparse_gradients_match_the_masked_reference(backend, unified, shape, k)
     assert len(rows) <= (k if unified else min(16, k * dy[..., 0].numel()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, d_in, d_out, k", [(600, 517, 600, 5), (300, 200, 40, 8)],
+                         ids=["column-blocked", "row-by-row"])
+def test_per_example_kernel_sums_match_the_masked_reference(dtype, n, d_in, d_out, k):
+    """Inputs and weights above 1 MB, each read by several kept rows, are summed in packed blocks of
+    32 columns (the parser's minibatch of 10,000); 517 columns leave a short last block. Smaller
+    ones row by row. Both against the dense backward of the masked dy."""
+    if cpu_kernels() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    x, weight, bias, dy = make_inputs((n, d_in), d_out=d_out, dtype=dtype)
+    got_x, got_w, got_b = sparse_grads(x, weight, bias, dy, k, unified=False)
+    want = dense_grads(x, weight, bias, reference_mask(dy, k, unified=False))
+    scale = 1e-5 if dtype == torch.float32 else 1e-12
+    for got, expected in zip((got_x.grad, got_w.grad.to_dense(), got_b.grad.to_dense()), want):
+        torch.testing.assert_close(got, expected, rtol=scale * 10, atol=scale * float(expected.abs().max()))
+
+
 def test_dense_gradients_agree_between_backends(monkeypatch):
     x, weight, bias, dy = make_inputs((10, 30), d_out=40)
     results = []
