@@ -109,27 +109,50 @@ class Bound:
         return self.dense_s / self.meprop_s
 
 
+@dataclass(frozen=True)
+class LayerShape:
+    """A linear layer of a bound: ``[out, fan_in]``, whether its backward computes ``dx`` and whether
+    meProp applies to it."""
+
+    fan_in: int
+    out: int
+    needs_dx: bool
+    meprop: bool
+
+
 def linear_backward_bound(d_hidden: int, minibatch: int, k: int, unified: bool, touched: list[int] | None,
                           rates: MachineRates) -> Bound:
     """Lower bounds on the linear backward of the MLP 784-d-d-10, dense and meProp (k on the hidden
-    layers; k=0 is dense), each layer bounded by max(FLOPs / GEMM rate, bytes / bandwidth).
+    layers; k=0 is dense): :func:`layers_bound` of its layers (the first needs no dx)."""
+    layers = [LayerShape(D_INPUT, d_hidden, False, True), LayerShape(d_hidden, d_hidden, True, True),
+              LayerShape(d_hidden, N_CLASSES, True, False)]
+    return layers_bound(layers, minibatch, k, unified, touched, rates)
 
-    Dense layer [out, in], n examples: 2n·out·in FLOPs for dW, as many for dx (not on the first
-    layer); bytes: dW written and, for dx, W read. meProp layer: 2n·k·in FLOPs each; bytes: the
-    touched rows of dW written and of W read. Touched rows: k when unified, else the union counted
-    in ``touched`` (at most n·k). The minibatch-sized tensors (dy, x, dx) are left out: they stay in cache.
+
+def layers_bound(layers: list[LayerShape], minibatch: int, k: int, unified: bool, touched: list[int] | None,
+                 rates: MachineRates, activations_in_memory: bool = False) -> Bound:
+    """Lower bounds on the linear backward of ``layers``, dense and meProp (k on the meProp layers;
+    k=0 is dense), each layer bounded by max(FLOPs / GEMM rate, bytes / bandwidth).
+
+    Dense layer [out, in], n examples: 2n·out·in FLOPs for dW, as many for dx; bytes: dW written and,
+    for dx, W read. meProp layer: 2n·k·in FLOPs each; bytes: the touched rows of dW written and of W
+    read. Touched rows: k when unified, else the union counted in ``touched`` (at most n·k). The
+    minibatch-sized tensors (dy, x, dx) stay in cache and are left out, unless
+    ``activations_in_memory`` (the parser's minibatch of 10,000: x alone is 96 MB), where each is
+    moved once, by dense and meProp alike.
     """
-    layers = [(D_INPUT, d_hidden, False, True), (d_hidden, d_hidden, True, True), (d_hidden, N_CLASSES, True, False)]
     dense_s = meprop_s = flops_s = bytes_s = 0.0
-    for index, (fan_in, out, needs_dx, hidden) in enumerate(layers):
-        passes = 2 if needs_dx else 1
-        dense_flops = 2 * minibatch * out * fan_in * passes
-        dense_bytes = FLOAT_BYTES * (out * fan_in + out) * passes
+    for index, layer in enumerate(layers):
+        passes = 2 if layer.needs_dx else 1
+        dense_flops = 2 * minibatch * layer.out * layer.fan_in * passes
+        activations = (FLOAT_BYTES * minibatch * (layer.fan_in * passes + layer.out)
+                       if activations_in_memory else 0)
+        dense_bytes = FLOAT_BYTES * (layer.out * layer.fan_in + layer.out) * passes + activations
         dense_s += max(dense_flops / rates.gemm_flops, dense_bytes / rates.bandwidth)
-        if hidden and 0 < k < out:
-            rows = k if unified else (touched[index] if touched else min(out, minibatch * k))
-            flops = 2 * minibatch * k * fan_in * passes
-            moved = FLOAT_BYTES * (rows * fan_in + rows) * passes
+        if layer.meprop and 0 < k < layer.out:
+            rows = k if unified else (touched[index] if touched else min(layer.out, minibatch * k))
+            flops = 2 * minibatch * k * layer.fan_in * passes
+            moved = FLOAT_BYTES * (rows * layer.fan_in + rows) * passes + activations
         else:
             flops, moved = dense_flops, dense_bytes
         flops_s += flops / rates.gemm_flops
@@ -213,11 +236,12 @@ class _Subject:
     rounds: list[dict[str, float]] = field(default_factory=list)
 
 
-def _linear_backward_replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                            stamps: _Stamps) -> tuple[Callable[[int], float], list[int] | None]:
+def _linear_backward_replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor, stamps: _Stamps,
+                            first_dx: bool = False) -> tuple[Callable[[int], float], list[int] | None]:
     """A function timing ``n`` backwards through the model's linear layers alone (median seconds),
     on the inputs and output gradients they had in a real backward pass; and, for row-sparse
-    gradients, how many rows of each layer's weight that backward touched."""
+    gradients, how many rows of each layer's weight that backward touched. The first layer computes
+    ``dx`` only with ``first_dx`` (its input is the data, or, for the parser, trained embeddings)."""
     layers = _linear_layers(model)
     inputs, grads = {}, {}
 
@@ -235,7 +259,7 @@ def _linear_backward_replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         touched = [int(layer.weight.grad.coalesce()._indices().shape[1]) if layer.weight.grad.is_sparse
                    else layer.out_features for layer in layers]
     model.zero_grad(set_to_none=True)
-    replay_inputs = [inputs[layer].clone().requires_grad_(index > 0) for index, layer in enumerate(layers)]
+    replay_inputs = [inputs[layer].clone().requires_grad_(index > 0 or first_dx) for index, layer in enumerate(layers)]
     output_grads = [grads[layer] for layer in layers]
 
     def replay(n: int) -> float:

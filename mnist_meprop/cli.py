@@ -173,8 +173,10 @@ def sweep(config_path: str | None, k_list: str, seeds: str | None, overrides: tu
                    "or autograd.")
 @click.option("--lstm", is_flag=True, help="Instead: the POS tagger's LSTM, per sentence (stock, ours k=0, "
               "meProp k=5/10/20).")
+@click.option("--parsing", is_flag=True, help="Instead: the parser at the paper's minibatch of 10,000 transitions "
+              "(stock, ours k=0, meProp k=20 on every layer), with the bound.")
 def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: int | None, repeats: int | None,
-          rounds: int, optimizer: str, device: str, engine: str, lstm: bool) -> None:
+          rounds: int, optimizer: str, device: str, engine: str, lstm: bool, parsing: bool) -> None:
     """Time forward, linear backward, backward, update and full step: meProp vs nn.Linear, against a bound."""
     import json
 
@@ -187,6 +189,25 @@ def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: in
         header = environment_line(optimizer, device)
     except MePropError as error:
         _fail(error)
+    if lstm and parsing:
+        _fail("--lstm and --parsing: one at a time")
+    if parsing:
+        from .bench_parsing import parsing_as_dicts, parsing_markdown, run_parsing_bench
+
+        header = environment_line("adam", "cpu")
+        click.echo(f"meprop bench --parsing: {header}; medians in milliseconds", err=True)
+        records, rates = run_parsing_bench(rounds=rounds, steps=repeats or 3)
+        machine = (f"machine: float32 GEMM {rates.gemm_flops / 1e9:.1f} GFLOP/s, copy bandwidth "
+                   f"{rates.bandwidth / 1e9:.1f} GB/s")
+        click.echo(f"# meprop bench --parsing\n\n{header}; {machine}; the parser (48 x 50 inputs, cube MLP 500-500, "
+                   f"73 transitions, Adam), minibatch 10,000 random transition examples; medians in ms over {rounds} "
+                   f"interleaved rounds; speedups: median of per-round ratios (* spread above 10%)\n\n"
+                   f"{parsing_markdown(records)}")
+        if json_path:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps({"environment": header, "machine": machine,
+                                                   "records": parsing_as_dicts(records)}, indent=1))
+        return
     if lstm:
         from .bench_lstm import lstm_as_dicts, lstm_markdown, run_lstm_bench
 

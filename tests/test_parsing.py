@@ -216,3 +216,23 @@ def test_cube_activation_is_the_parsers_with_chen_and_mannings_init():
     with pytest.raises(ConfigError, match="activation: cube is for the parser"):
         load_config(None, ["activation=cube"])
     assert load_config(None, ["task=parsing", "dataset=ewt", "activation=cube"]).activation == "cube"
+
+
+def test_parsing_bench_times_every_model_against_stock_with_its_bound():
+    from mnist_meprop.bench import MachineRates, layers_bound
+    from mnist_meprop.bench_parsing import parser_flop_limit, parser_layers, parsing_markdown, run_parsing_bench
+
+    records, rates = run_parsing_bench(k=4, minibatch=64, d_hidden=32, rounds=3, steps=1, warmup=1)
+    assert [(r.model, r.k) for r in records] == [("stock", 0), ("ours_k0", 0), ("meprop", 4)]
+    stock, ours, meprop = records
+    assert stock.step_speedup is None and ours.bound_speedup is None
+    assert meprop.linear_backward_speedup > 0 and meprop.linear_backward_speedup_vs_ours_k0 > 0
+    assert len(meprop.touched_rows) == 3 and all(0 < rows <= 64 * 4 for rows in meprop.touched_rows)
+    # the FLOP limit: (2400*32 + 32*32 + 32*73) / (2400*4 + 32*4 + 32*4), dx on every layer
+    assert meprop.flop_limit == round((2400 * 32 + 32 * 32 + 32 * 73) / (2400 * 4 + 32 * 4 + 32 * 4), 1)
+    assert parser_flop_limit(500, 20) == pytest.approx((2400 * 500 + 500 * 500 + 500 * 73) / (2400 * 20 + 500 * 20 * 2))
+    # with unlimited bandwidth only FLOPs bind, and the bound is the FLOP limit
+    flops_only = layers_bound(parser_layers(32), 64, 4, False, None, MachineRates(1e9, float("inf")),
+                              activations_in_memory=True)
+    assert flops_only.binding == "flops" and flops_only.speedup == pytest.approx(parser_flop_limit(32, 4))
+    assert "linear bwd vs ours_k0" in parsing_markdown(records) and rates.gemm_flops > 0
