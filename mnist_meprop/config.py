@@ -236,8 +236,8 @@ def validate(raw: dict[str, Any]) -> Config:
                           f"got {config.dataset!r}")
     if config.activation != "relu" and config.task != "parsing":
         raise ConfigError(f"activation: {config.activation} is for the parser (task parsing), not task {config.task}")
-    if config.task != "mnist" and config.simplify.enabled:
-        raise ConfigError(f"simplify.enabled: meSimp is for the MLP (task mnist), not task {config.task}")
+    if config.task == "pos" and config.simplify.enabled:
+        raise ConfigError("simplify.enabled: meSimp prunes MLP hidden units (task mnist or parsing), not the LSTM of task pos")
     if config.dataset == "idx" and not config.data_dir:
         raise ConfigError("data_dir: required when dataset is idx (a folder with the four IDX files)")
     if config.simplify.enabled and not (is_meprop_active(config.k, config.d_hidden) and config.n_layer >= 2):

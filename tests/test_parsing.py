@@ -236,3 +236,30 @@ def test_parsing_bench_times_every_model_against_stock_with_its_bound():
                               activations_in_memory=True)
     assert flops_only.binding == "flops" and flops_only.speedup == pytest.approx(parser_flop_limit(32, 4))
     assert "linear bwd vs ours_k0" in parsing_markdown(records) and rates.gemm_flops > 0
+
+
+def test_mesimp_prunes_the_parsers_hidden_units_and_not_the_taggers(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from test_pos import SENTENCES, conllu
+
+    from mnist_meprop.cli import main
+    from mnist_meprop.config import validate
+    from mnist_meprop.conllu import EWT_FILES, EWT_FOLDER
+    from mnist_meprop.errors import ConfigError
+
+    folder = tmp_path / EWT_FOLDER
+    folder.mkdir()
+    for split, (name, _) in EWT_FILES.items():
+        (folder / name).write_text(conllu(SENTENCES * (5 if split == "train" else 1)))
+    args = ["train", "--set", "task=parsing", "--set", "dataset=ewt", "--set", f"data_dir={tmp_path}", "--set",
+            "d_hidden=64", "--set", "k=8", "--set", "d_minibatch=16", "--set", "n_epoch=2", "--set", "lr=0.01",
+            "--set", "simplify.enabled=true", "--set", "simplify.cycle_epochs=1", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    [record] = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    units = record["simplify"]["units_final"]
+    assert len(units) == 2 and all(0 < u < 64 for u in units)  # both hidden layers shrank; the output layer is not pruned
+    with pytest.raises(ConfigError, match="not the LSTM of task pos"):
+        validate({"task": "pos", "dataset": "ewt", "k": 5, "simplify": {"enabled": True}})
