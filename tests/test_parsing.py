@@ -261,5 +261,7 @@ def test_mesimp_prunes_the_parsers_hidden_units_and_not_the_taggers(tmp_path):
     [record] = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
     units = record["simplify"]["units_final"]
     assert len(units) == 2 and all(0 < u < 64 for u in units)  # both hidden layers shrank; the output layer is not pruned
+    export = CliRunner().invoke(main, ["export", "--run", str(tmp_path / "out"), "--out", str(tmp_path / "m.pt")])
+    assert export.exit_code == 2 and "export writes the MNIST MLP" in export.output and "Traceback" not in export.output
     with pytest.raises(ConfigError, match="not the LSTM of task pos"):
         validate({"task": "pos", "dataset": "ewt", "k": 5, "simplify": {"enabled": True}})
