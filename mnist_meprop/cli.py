@@ -249,7 +249,7 @@ def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: in
                    "README table over the three tasks (parsing, POS tagging, MNIST), written as "
                    "<out>/README-TABLE.md from the runs in <out>/parsing-ewt, <out>/pos-ewt and the MNIST "
                    "dataset's folder (default out: results). With --task pos or parsing: that task's rows, "
-                   "1|3|4|readme.")
+                   "1|3|4|readme (parsing also mesimp).")
 @click.option("--task", type=click.Choice(["mnist", "pos", "parsing"]),
               help="mnist: the MLP tables (the default); pos, parsing: the POS-tagging or parsing rows on "
                    "UD English-EWT (--dataset ewt, implied).")

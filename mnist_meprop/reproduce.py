@@ -90,13 +90,16 @@ EARLY_EPOCHS = 3  # the early-training figure and the ablation's early-loss colu
 
 
 def tables_for(task: str) -> tuple[str, ...]:
-    """The tables ``meprop reproduce`` has for a task: MNIST's (and the README table), or an EWT task's."""
-    return EWT_TABLES if task in EWT_TASKS else (*TABLES, README_TABLE)
+    """The tables ``meprop reproduce`` has for a task: MNIST's (and the README table), or an EWT task's
+    (the parser has meSimp too)."""
+    if task in EWT_TASKS:
+        return (*EWT_TABLES, "mesimp") if task == "parsing" else EWT_TABLES
+    return (*TABLES, README_TABLE)
 
 
 def spec_path(name: str, task: str = "mnist") -> Path:
     if task in EWT_TASKS:
-        file = f"{task}-readme.yaml" if name == "readme" else f"{task}-table{name}.yaml"
+        file = f"{task}-{name}.yaml" if name in ("readme", "mesimp") else f"{task}-table{name}.yaml"
     else:
         file = SPEC_FILES.get(name, f"table{name}.yaml")
     return Path(str(resources.files("mnist_meprop") / "paper" / file))
@@ -430,7 +433,8 @@ def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, A
         layer_means = mean_units(records)
         average = statistics.fmean(layer_means)
         mean, std = mean_std([r["test_acc"] for r in records])
-        speedups = [inference_speedup(runs_dir, r) for r in records if r.get("simplify")]
+        speedups = [inference_speedup(runs_dir, r) for r in records
+                    if r.get("simplify") and r["config"].get("task", "mnist") == "mnist"]  # export is MNIST's
         speedups = [value for value in speedups if value is not None]
         cells.append([row.label, str(len(records)), _opt_int(paper_units), " / ".join(f"{m:.0f}" for m in layer_means),
                       f"{average:.0f} ({100 * average / d_hidden:.0f}%)", _opt(paper_test),

@@ -133,14 +133,17 @@ def test_report_only_trains_nothing_and_says_what_is_missing(tmp_path):
 def test_the_parsing_tables_reproduce_on_a_tiny_treebank(tmp_path):
     from mnist_meprop.reproduce import reproduce
     data_dir = _tiny_treebank(tmp_path)
-    report = reproduce(["1", "3"], "ewt", str(data_dir), 1, None, True, tmp_path / "parsing", "meprop reproduce",
-                       threads=1, log=lambda line: None, task="parsing")
+    report = reproduce(["1", "3", "mesimp"], "ewt", str(data_dir), 1, None, True, tmp_path / "parsing",
+                       "meprop reproduce", threads=1, log=lambda line: None, task="parsing")
     text = report.read_text()
-    assert "Table 1 (parsing)" in text and "Table 3 (parsing)" in text and "not run" not in text
+    assert "Table 1 (parsing)" in text and "Table 3 (parsing)" in text and "meSimp (parsing)" in text
+    assert "not run" not in text
     assert "18.6x" in text  # the paper's Adam speedup, from its times (9,078 s against 489 s)
     records = [json.loads(line) for line in (tmp_path / "parsing" / "runs" / "runs.jsonl").read_text().splitlines()]
-    # Table 1's four rows and Table 3's hidden-20 MLP; Table 3's meProp row is Table 1's Adam k=20 run
-    assert len(records) == 5 and {r["config"]["task"] for r in records} == {"parsing"}
+    # Table 1's four rows, Table 3's hidden-20 MLP (its meProp row is Table 1's Adam k=20 run), meSimp's
+    # run and its backprop MLP as narrow as meSimp's average (its hidden-500 backprop is Table 1's)
+    assert len(records) == 7 and {r["config"]["task"] for r in records} == {"parsing"}
+    assert sum(bool(r["config"]["simplify"]["enabled"]) for r in records) == 1
 
 
 def test_the_readme_table_has_the_three_tasks_from_their_own_folders(tmp_path):
@@ -183,7 +186,7 @@ def test_readme_goes_alone_and_tasks_take_their_datasets(tmp_path):
     wrong = CliRunner().invoke(main, ["reproduce", "--task", "parsing", "--dataset", "mnist", "--out", str(tmp_path)])
     assert wrong.exit_code == 2 and "task parsing runs on ewt" in wrong.output
     unknown = CliRunner().invoke(main, ["reproduce", "--task", "parsing", "--table", "5", "--out", str(tmp_path)])
-    assert unknown.exit_code == 2 and "with --task parsing expected 1, 3, 4, readme" in unknown.output
+    assert unknown.exit_code == 2 and "with --task parsing expected 1, 3, 4, readme, mesimp" in unknown.output
 
 
 def _tiny_treebank(tmp_path):
