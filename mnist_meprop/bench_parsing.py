@@ -23,14 +23,15 @@ not fit in cache (x of the first layer alone is 96 MB).
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .bench import (FLOAT_BYTES, NOISY_SPREAD, LayerShape, MachineRates, _linear_backward_replay, _Stamps,
-                    copy_bandwidth, gemm_rate, interleaved_rounds, layers_bound, ratio_of_rounds, timed_step)
+                    _Subject, copy_bandwidth, gemm_rate, interleaved_rounds, layers_bound, ratio_of_rounds,
+                    timed_step)
 from .config import validate
 from .ops import time_linear_backward
 from .optim import build_optimizer, stock_optimizer
@@ -55,18 +56,6 @@ class StockParser(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.embed(inputs).reshape(len(inputs), -1))
-
-
-@dataclass
-class _Subject:
-    name: str
-    k: int
-    model: nn.Module
-    optimizer: Any
-    ours: bool
-    replay: Any = None
-    touched: list[int] | None = None
-    rounds: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -109,17 +98,18 @@ def parser_flop_limit(d_hidden: int, k: int) -> float:
 
 def _subject(name: str, k: int, d_hidden: int, minibatch: int, batch: tuple[torch.Tensor, torch.Tensor],
              stamps: _Stamps) -> _Subject:
+    """A compared model (``mode`` is its name: stock, ours_k0 or meprop) with its optimizer and replay."""
     torch.manual_seed(0)
     if name == "stock":
         model: nn.Module = StockParser(d_hidden)
-        subject = _Subject(name, 0, model, stock_optimizer("adam", model.parameters(), 1e-3), ours=False)
+        optimizer = stock_optimizer("adam", model.parameters(), 1e-3)
     else:
         model = Parser(N_EMBEDDINGS, N_TRANSITIONS, d_hidden, 3, k, activation="cube")
         config = validate({"task": "parsing", "dataset": "ewt", "d_hidden": d_hidden, "k": k, "optimizer": "adam",
                            "activation": "cube", "d_minibatch": minibatch})
-        subject = _Subject(name, k, model, build_optimizer(config, model), ours=True)
-    subject.replay, subject.touched = _linear_backward_replay(model, *batch, stamps, first_dx=True)
-    return subject
+        optimizer = build_optimizer(config, model)
+    replay, touched = _linear_backward_replay(model, *batch, stamps, first_dx=True)
+    return _Subject(name, k, model, optimizer, replay, touched)
 
 
 def _measure(subject: _Subject, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int) -> dict[str, float]:
@@ -156,7 +146,7 @@ def run_parsing_bench(k: int = 20, minibatch: int = 10_000, d_hidden: int = 500,
     records = []
     for subject in subjects:
         medians = {phase: round(statistics.median(r[phase] for r in subject.rounds) * 1e3, 2) for phase in PHASES}
-        record = ParsingBenchRecord(subject.name, subject.k, minibatch, *(medians[phase] for phase in PHASES))
+        record = ParsingBenchRecord(subject.mode, subject.k, minibatch, *(medians[phase] for phase in PHASES))
         if subject is not stock:
             record.step_speedup, step_spread = ratio_of_rounds(stock, subject, "step")
             record.linear_backward_speedup, lb_spread = ratio_of_rounds(stock, subject, "linear_backward")

@@ -178,8 +178,6 @@ def sweep(config_path: str | None, k_list: str, seeds: str | None, overrides: tu
 def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: int | None, repeats: int | None,
           rounds: int, optimizer: str, device: str, engine: str, lstm: bool, parsing: bool) -> None:
     """Time forward, linear backward, backward, update and full step: meProp vs nn.Linear, against a bound."""
-    import json
-
     import torch
 
     from .bench import as_dicts, environment_line, markdown_table, run_bench, speedup_plot
@@ -203,10 +201,7 @@ def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: in
                    f"73 transitions, Adam), minibatch 10,000 random transition examples; medians in ms over {rounds} "
                    f"interleaved rounds; speedups: median of per-round ratios (* spread above 10%)\n\n"
                    f"{parsing_markdown(records)}")
-        if json_path:
-            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_path).write_text(json.dumps({"environment": header, "machine": machine,
-                                                   "records": parsing_as_dicts(records)}, indent=1))
+        _write_json(json_path, {"environment": header, "machine": machine, "records": parsing_as_dicts(records)})
         return
     if lstm:
         from .bench_lstm import lstm_as_dicts, lstm_markdown, run_lstm_bench
@@ -217,9 +212,7 @@ def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: in
         click.echo(f"# meprop bench --lstm\n\n{header}; the POS tagger (190 inputs, LSTM 500, 49 tags), one "
                    f"sentence of 20 words per step; medians in µs over {rounds} interleaved rounds; speedups: "
                    f"median of per-round ratios (* spread above 10%)\n\n{lstm_markdown(records)}")
-        if json_path:
-            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_path).write_text(json.dumps({"environment": header, "records": lstm_as_dicts(records)}, indent=1))
+        _write_json(json_path, {"environment": header, "records": lstm_as_dicts(records)})
         return
     click.echo(f"meprop bench{' --quick' if quick else ''}: {header}; medians in microseconds", err=True)
     lines: list[str] = []
@@ -233,12 +226,18 @@ def bench(quick: bool, json_path: str | None, plot_path: str | None, threads: in
     click.echo(f"# meprop bench{' --quick' if quick else ''}\n\n{header}; our models: engine {engine}; {machine}; "
                f"medians in µs over "
                f"{rounds} interleaved rounds; speedups against stock PyTorch dense (`dense`)\n\n{markdown_table(records)}")
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"environment": header, "machine": machine,
-                                               "records": as_dicts(records)}, indent=1))
+    _write_json(json_path, {"environment": header, "machine": machine, "records": as_dicts(records)})
     if plot_path:
         speedup_plot(records, Path(plot_path))
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    """Write a bench's records as JSON to ``path`` (its folder made), if one was given."""
+    if path:
+        import json
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=1))
 
 
 @main.command("reproduce")

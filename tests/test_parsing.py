@@ -145,15 +145,11 @@ def test_parser_trains_end_to_end_on_a_few_sentences_through_the_cli(tmp_path):
     import json
 
     from click.testing import CliRunner
-    from test_pos import SENTENCES, conllu
+    from test_pos import SENTENCES, write_tiny_ewt
 
     from mnist_meprop.cli import main
-    from mnist_meprop.conllu import EWT_FILES, EWT_FOLDER
 
-    folder = tmp_path / EWT_FOLDER
-    folder.mkdir()
-    for split, (name, _) in EWT_FILES.items():
-        (folder / name).write_text(conllu(SENTENCES * (5 if split == "train" else 1)))
+    write_tiny_ewt(tmp_path)
     args = ["train", "--set", "task=parsing", "--set", "dataset=ewt", "--set", f"data_dir={tmp_path}", "--set",
             "d_hidden=32", "--set", "k=4", "--set", "d_minibatch=16", "--set", "n_epoch=8", "--set", "lr=0.01",
             "--out", str(tmp_path / "out")]
@@ -242,17 +238,13 @@ def test_mesimp_prunes_the_parsers_hidden_units_and_not_the_taggers(tmp_path):
     import json
 
     from click.testing import CliRunner
-    from test_pos import SENTENCES, conllu
+    from test_pos import write_tiny_ewt
 
     from mnist_meprop.cli import main
     from mnist_meprop.config import validate
-    from mnist_meprop.conllu import EWT_FILES, EWT_FOLDER
     from mnist_meprop.errors import ConfigError
 
-    folder = tmp_path / EWT_FOLDER
-    folder.mkdir()
-    for split, (name, _) in EWT_FILES.items():
-        (folder / name).write_text(conllu(SENTENCES * (5 if split == "train" else 1)))
+    write_tiny_ewt(tmp_path)
     args = ["train", "--set", "task=parsing", "--set", "dataset=ewt", "--set", f"data_dir={tmp_path}", "--set",
             "d_hidden=64", "--set", "k=8", "--set", "d_minibatch=16", "--set", "n_epoch=2", "--set", "lr=0.01",
             "--set", "simplify.enabled=true", "--set", "simplify.cycle_epochs=1", "--out", str(tmp_path / "out")]

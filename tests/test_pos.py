@@ -36,6 +36,16 @@ def conllu(sentences) -> str:
     return "\n\n".join(blocks) + "\n\n"
 
 
+def write_tiny_ewt(data_dir):
+    """``data_dir`` with made-up EWT files: train is the four sentences five times, dev and test once each.
+    Returns ``data_dir`` (the config's ``data_dir``)."""
+    folder = data_dir / EWT_FOLDER
+    folder.mkdir(parents=True)
+    for split, (name, _) in EWT_FILES.items():
+        (folder / name).write_text(conllu(SENTENCES * (5 if split == "train" else 1)))
+    return data_dir
+
+
 @pytest.fixture
 def treebank(tmp_path):
     """A data_dir with made-up train (gzipped, as the release copies here), dev and test files."""

@@ -190,12 +190,6 @@ def test_readme_goes_alone_and_tasks_take_their_datasets(tmp_path):
 
 
 def _tiny_treebank(tmp_path):
-    """A data_dir with the made-up EWT files of tests/test_pos.py (every split: the four sentences)."""
-    from test_pos import SENTENCES, conllu
-
-    from mnist_meprop.conllu import EWT_FILES, EWT_FOLDER
-    folder = tmp_path / "ewt" / EWT_FOLDER
-    folder.mkdir(parents=True)
-    for split, (name, _) in EWT_FILES.items():
-        (folder / name).write_text(conllu(SENTENCES * (5 if split == "train" else 1)))
-    return tmp_path / "ewt"
+    """A data_dir with the made-up EWT files of tests/test_pos.py."""
+    from test_pos import write_tiny_ewt
+    return write_tiny_ewt(tmp_path / "ewt")
