@@ -192,12 +192,12 @@ void weighted_row_sum(scalar_t* __restrict__ dst, int64_t begin, int64_t end, in
   }
 }
 
+#if defined(__AVX512F__)
 // dst[0:16 V] = sum over q < terms of coef[q] * source[q][0:16 V] for packed float32 blocks (V
 // vectors per term, 16 V columns, all valid), the terms taken in CHAINS interleaved accumulators so
 // that the multiply-add latency does not serialise the sum.
 template <int V, int CHAINS>
 void packed_block_sum(float* __restrict__ dst, int64_t terms, const float* coef, const float* const* source) {
-#if defined(__AVX512F__)
   __m512 acc[CHAINS][V];
   for (int h = 0; h < CHAINS; ++h)
     for (int v = 0; v < V; ++v) acc[h][v] = _mm512_setzero_ps();
@@ -216,8 +216,8 @@ void packed_block_sum(float* __restrict__ dst, int64_t terms, const float* coef,
     for (int h = 1; h < CHAINS; ++h) total = _mm512_add_ps(total, acc[h][v]);
     _mm512_storeu_ps(dst + 16 * v, total);
   }
-#endif
 }
+#endif
 
 // Sources larger than this (bytes) and each read by at least kBlockedReuse terms are summed column
 // block by column block (row_sums): they would not stay in a core's cache otherwise.
@@ -228,11 +228,11 @@ constexpr int64_t kBlockedReuse = 4;
 // offsets[o + 1]) of coef[q] * src[src_row[q] * width + c], src being [n_src, width] row-major.
 // Row by row (each row's whole width at once, rows split between threads), or, with `blocked`,
 // column block by column block: the block's columns of every source row are first packed into a
-// contiguous buffer (n_src x 16), then every output row sums from it, so the sources are read from
+// contiguous buffer (n_src x 32), then every output row sums from it, so the sources are read from
 // memory once instead of once per term. Blocking pays when the sources do not fit in cache and each
 // is read many times: the parser's minibatch of 10,000 inputs of 2,400 floats (96 MB, each read by
-// its 20 kept rows); not at minibatch 200 of 784 (0.6 MB, already in cache). Both orders add each
-// row's terms in the same order.
+// its 20 kept rows); not at minibatch 200 of 784 (0.6 MB, already in cache). The blocked float32
+// sum interleaves four accumulators, so its float rounding differs from the row-by-row order.
 template <typename scalar_t>
 void row_sums(scalar_t* dst, int64_t n_out, int64_t width, const int64_t* offsets, const scalar_t* coef,
               const int64_t* src_row, const scalar_t* src, int64_t n_src, bool blocked) {
@@ -265,7 +265,7 @@ void row_sums(scalar_t* dst, int64_t n_out, int64_t width, const int64_t* offset
         scalar_t out_block[kBlock];
 #if defined(__AVX512F__)
         if constexpr (std::is_same_v<scalar_t, float>) {
-          packed_block_sum<2, 4>(out_block, offsets[o + 1] - offsets[o], coef + offsets[o], row_sources);
+          packed_block_sum<kBlock / 16, 4>(out_block, offsets[o + 1] - offsets[o], coef + offsets[o], row_sources);
         } else
 #endif
         weighted_row_sum<scalar_t>(out_block, 0, columns, offsets[o + 1] - offsets[o], coef + offsets[o],
