@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from .bench import (FLOAT_BYTES, NOISY_SPREAD, LayerShape, MachineRates, _linear_backward_replay, _Stamps,
-                    _Subject, copy_bandwidth, gemm_rate, interleaved_rounds, layers_bound, ratio_of_rounds,
-                    timed_step)
+                    _Subject, _time_steps, copy_bandwidth, gemm_rate, interleaved_rounds, layers_bound,
+                    ratio_of_rounds)
 from .config import validate
 from .ops import time_linear_backward
 from .optim import build_optimizer, stock_optimizer
@@ -112,17 +112,12 @@ def _subject(name: str, k: int, d_hidden: int, minibatch: int, batch: tuple[torc
     return _Subject(name, k, model, optimizer, replay, touched)
 
 
-def _measure(subject: _Subject, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int) -> dict[str, float]:
-    samples: dict[str, list[float]] = {phase: [] for phase in PHASES if phase != "linear_backward"}
-    subject.model.train()
-    for step in range(steps):
-        inputs, target = batches[step % len(batches)]
-        with time_linear_backward():  # our models' timed path, as in training
-            forward, backward, update = timed_step(subject.model, inputs, target, subject.optimizer)
-        for phase, value in zip(("forward", "backward", "update", "step"),
-                                (forward, backward, update, forward + backward + update)):
-            samples[phase].append(value)
-    medians = {phase: statistics.median(values) for phase, values in samples.items()}
+def _measure(subject: _Subject, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int,
+             stamps: _Stamps) -> dict[str, float]:
+    """Median seconds per phase over ``steps`` training steps (through our models' timed path, as in
+    training), and the linear backward replayed ``steps`` times."""
+    with time_linear_backward():
+        medians = _time_steps(subject, batches, steps, stamps)
     medians["linear_backward"] = subject.replay(steps)
     return medians
 
@@ -138,8 +133,8 @@ def run_parsing_bench(k: int = 20, minibatch: int = 10_000, d_hidden: int = 500,
                 _subject("ours_k0", 0, d_hidden, minibatch, batches[0], stamps),
                 _subject("meprop", k, d_hidden, minibatch, batches[0], stamps)]
     for subject in subjects:
-        _measure(subject, batches, warmup)
-    interleaved_rounds(subjects, rounds, lambda subject, _: _measure(subject, batches, steps))
+        _measure(subject, batches, warmup, stamps)
+    interleaved_rounds(subjects, rounds, lambda subject, _: _measure(subject, batches, steps, stamps))
     weight_bytes = FLOAT_BYTES * sum(p.numel() for p in subjects[0].model.mlp.parameters())
     rates = MachineRates(gemm_rate(torch.device("cpu")), copy_bandwidth(torch.device("cpu"), weight_bytes))
     stock, ours_k0 = subjects[0], subjects[1]

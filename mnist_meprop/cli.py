@@ -273,13 +273,13 @@ def reproduce_command(table: str, task: str | None, dataset: str | None, data_di
                       address: str | None, cpus_per_run: int | None, gpus_per_run: float | None) -> None:
     """Re-run the paper's tables (MNIST, POS tagging, parsing), Figure 4, meSimp and the authors' README
     table; print and write paper vs ours (REPORT.md or README-TABLE.md, CSV, PNG)."""
-    from .reproduce import EWT_DATASET, EWT_TASKS, README_TABLE, readme_table, reproduce, tables_for
+    from .config import TASK_DATASETS
+    from .reproduce import EWT_TASKS, README_TABLE, default_task, readme_table, reproduce, tables_for
 
-    task = task or ("pos" if dataset == EWT_DATASET else "mnist")
-    dataset = dataset or (EWT_DATASET if task in EWT_TASKS else "sample")
-    if (task in EWT_TASKS) != (dataset == EWT_DATASET):
-        _fail(f"--dataset: task {task} runs on {EWT_DATASET if task in EWT_TASKS else 'MNIST-format images'}, "
-              f"got {dataset}")
+    task = task or default_task(dataset)
+    dataset = dataset or TASK_DATASETS[task][0]  # sample for mnist, ewt for pos and parsing
+    if dataset not in TASK_DATASETS[task]:
+        _fail(f"--dataset: task {task} runs on {' or '.join(TASK_DATASETS[task])}, got {dataset}")
     tables = tables_for(task)
     chosen = [part.strip() for part in table.split(",") if part.strip()]
     if "all" in chosen:

@@ -89,6 +89,11 @@ AUTHORS_DATA = "authors-csharp.yaml"
 EARLY_EPOCHS = 3  # the early-training figure and the ablation's early-loss column cover the first 3 epochs
 
 
+def default_task(dataset: str | None) -> str:
+    """The task a dataset means when none is named: ``pos`` for EWT, else ``mnist``."""
+    return "pos" if dataset == EWT_DATASET else "mnist"
+
+
 def tables_for(task: str) -> tuple[str, ...]:
     """The tables ``meprop reproduce`` has for a task: MNIST's (and the README table), or an EWT task's
     (the parser has meSimp too)."""
@@ -433,8 +438,7 @@ def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, A
         layer_means = mean_units(records)
         average = statistics.fmean(layer_means)
         mean, std = mean_std([r["test_acc"] for r in records])
-        speedups = [inference_speedup(runs_dir, r) for r in records
-                    if r.get("simplify") and r["config"].get("task", "mnist") == "mnist"]  # export is MNIST's
+        speedups = [inference_speedup(runs_dir, r) for r in records if r.get("simplify")]
         speedups = [value for value in speedups if value is not None]
         cells.append([row.label, str(len(records)), _opt_int(paper_units), " / ".join(f"{m:.0f}" for m in layer_means),
                       f"{average:.0f} ({100 * average / d_hidden:.0f}%)", _opt(paper_test),
@@ -444,8 +448,9 @@ def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, A
 
 
 def inference_speedup(runs_dir: Path, record: dict[str, Any]) -> float | None:
-    """Full-size masked model's test-set inference time over the compact model's (None without a saved model)."""
-    if not model_path(runs_dir, record["key"]).exists():
+    """Full-size masked model's test-set inference time over the compact model's (None without a saved
+    model, or for another task than MNIST's MLP, which is all :mod:`mnist_meprop.export` compacts)."""
+    if record["config"].get("task", "mnist") != "mnist" or not model_path(runs_dir, record["key"]).exists():
         return None
     return compare_models(runs_dir, record, repeats=10).speedup
 
@@ -543,7 +548,7 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
     runs (default: in this process; see :mod:`mnist_meprop.executors`).
     """
     log = log or to_stderr
-    task = task or ("pos" if dataset == EWT_DATASET else "mnist")
+    task = task or default_task(dataset)
     data = data_settings(dataset, data_dir)
     specs = [load_spec(name, task) for name in tables]
     fig4_seeds = fig4_seeds or seeds
@@ -669,10 +674,12 @@ def readme_table(dataset: str, data_dir: str | None, seeds: int, epochs: int | N
         rows = build_configs(spec, data_settings(on, ewt_dir if task in EWT_TASKS else data_dir), seed_list,
                              epochs, quick, threads)
         runs_dir = root / task_folder(task, on) / "runs"
-        log(f"readme table, {name}: {len(all_configs([(spec, rows)]))} runs in {runs_dir}")
-        by_key = _run_or_read(all_configs([(spec, rows)]), runs_dir, report_only, log, should_stop, executor)
+        configs = all_configs([(spec, rows)])
+        log(f"readme table, {name}: {len(configs)} runs in {runs_dir}")
+        by_key = _run_or_read(configs, runs_dir, report_only, log, should_stop, executor)
         lines.append(_readme_line(f"{name} ({metric})", rows, by_key))
     headers = ["task (test score)", "paper: backprop", "paper: meProp", "ours: backprop", "ours: meProp", "seeds"]
+    table = markdown(headers, lines)
     env = environment()
     text = "\n".join([
         "# The authors' README table: backprop vs meProp on the paper's three tasks",
@@ -688,13 +695,13 @@ def readme_table(dataset: str, data_dir: str | None, seeds: int, epochs: int | N
         "whole runs here: compare the speedups, not the seconds. The authors' README prints the parsing difference as +0.04 (88.94 against "
         "89.80: it is inconsistent as published)",
         "",
-        markdown(headers, lines),
+        table,
         "",
     ])
     path = root / "README-TABLE.md"
     root.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
-    log(f"\n{markdown(headers, lines)}")
+    log(f"\n{table}")
     return path
 
 
