@@ -81,6 +81,20 @@ def test_k_off_range_is_ordinary_backprop(k, unified):
     assert_grads_close(meprop_grads(x, weight, bias, dy, k, unified), dense_grads(x, weight, bias, dy))
 
 
+@pytest.mark.parametrize("x_grad,bias", [(True, True), (False, True), (True, False)])
+def test_a_large_narrow_dense_layer_is_ordinary_backprop(x_grad, bias):
+    """k=0 on a layer narrow and large enough for the kernel's dense backward (the 10-wide output
+    layer of a 2000-wide MLP at minibatch 50, as a 3-d input): torch's gradients."""
+    x, weight, b, dy = make_inputs((5, 10, 2000), d_out=10, bias=bias, x_grad=x_grad)
+    got = meprop_grads(x, weight, b, dy, 0, False)
+    expected = dense_grads(x, weight, b, dy)
+    for actual, want in zip(got, expected):
+        if want is None:
+            assert actual is None
+        else:
+            torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("unified", [False, True])
 def test_input_without_grad_and_no_bias(unified):
     x, weight, _, dy = make_inputs((5, 7), d_out=11, bias=False, x_grad=False)

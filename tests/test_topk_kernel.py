@@ -90,7 +90,8 @@ def test_kernel_gradients_equal_the_dense_backward_of_the_masked_dy(dtype, width
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n,width_in,out,k", [(50, 784, 500, 30), (7, 37, 20, 5), (3, 100, 40, 39)])
+@pytest.mark.parametrize("n,width_in,out,k", [(50, 784, 500, 30), (7, 37, 20, 5), (3, 100, 40, 39), (50, 2000, 2000, 20),
+                                              (5, 64, 10, 4)])
 def test_kernel_unified_backward_equals_the_dense_backward_of_the_masked_dy(dtype, n, width_in, out, k):
     """Unified top-k: the k columns with the largest sum of |dy| (first ones among equal sums),
     here with some dead units (all-zero columns) as behind a ReLU."""
@@ -108,3 +109,25 @@ def test_kernel_unified_backward_equals_the_dense_backward_of_the_masked_dy(dtyp
     torch.testing.assert_close(dx, masked @ weight, **tolerance)
     torch.testing.assert_close(weight_values, (masked.t() @ x)[rows], **tolerance)
     torch.testing.assert_close(bias_values, masked.sum(0)[rows], **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,width_in,out", [(50, 2000, 10), (10, 500, 10), (7, 37, 3), (1, 64, 1), (513, 100, 10),
+                                            (9, 130, 32), (9, 130, 33), (4, 300, 200)])
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_kernel_dense_backward_equals_torchs(dtype, n, width_in, out, needs):
+    """The dense backward: narrow layers through the kernel's own tiles (rows past a multiple of 4,
+    columns past a multiple of 64), the rest (wider than 32, more than 512 rows) through mm."""
+    needs_dx, needs_dw = needs
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(n, width_in, generator=generator, dtype=dtype)
+    weight = torch.randn(out, width_in, generator=generator, dtype=dtype)
+    dy = torch.randn(n, out, generator=generator, dtype=dtype)
+    dx, dw, db = kernels.dense_backward(dy, x if needs_dw else None, weight if needs_dx else None, needs_dx, needs_dw)
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    assert (dx is not None) == needs_dx and (dw is not None) == needs_dw
+    if needs_dx:
+        torch.testing.assert_close(dx, dy @ weight, **tolerance)
+    if needs_dw:
+        torch.testing.assert_close(dw, dy.t() @ x, **tolerance)
+    torch.testing.assert_close(db, dy.sum(0), **tolerance)
