@@ -156,22 +156,26 @@ def _dense_backward(dy2, x2, weight, needs_dx, needs_dw):
     return (dy2.mm(weight) if needs_dx else None), (dy2.t().mm(x2) if needs_dw else None), dy2.sum(dim=0)
 
 
-# A dense layer at most NARROW_LAYER_OUT wide takes the kernel's dense backward (through this module's
-# autograd node) instead of torch's when it has at most NARROW_LAYER_ROWS rows (above, MKL is faster)
-# and rows x in x out of at least NARROW_LAYER_WORK multiply-adds. Forward + backward of a 10-wide
-# layer against F.linear's, 2 threads, interleaved (AMD EPYC VM): 1.33x faster at 50 x 2000 (the
-# output layer of a 2000-wide MLP at minibatch 50), 1.52x at 200 x 500, 1.10x at 50 x 500, but
-# 0.88x at 10 x 2000 and 0.97x at 10 x 500, where the Python node costs more than it saves.
-NARROW_LAYER_OUT, NARROW_LAYER_ROWS, NARROW_LAYER_WORK = 32, 512, 1 << 19
+# A dense layer narrow enough for the kernel's own dense backward (at most kernels.NARROW_OUT wide
+# and kernels.NARROW_ROWS rows; above, MKL is faster) takes it, through this module's autograd node
+# instead of torch's, when its rows x in x out are at least NARROW_LAYER_WORK multiply-adds.
+# Forward + backward of a 10-wide layer against F.linear's, 2 threads, interleaved (AMD EPYC VM):
+# 1.33x faster at 50 x 2000 (the output layer of a 2000-wide MLP at minibatch 50), 1.52x at
+# 200 x 500, 1.10x at 50 x 500, but 0.88x at 10 x 2000 and 0.97x at 10 x 500, where the Python
+# node costs more than it saves.
+NARROW_LAYER_WORK = 1 << 19
 
 
 def _narrow_layer_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or weight.dtype != torch.float32 or not torch.is_grad_enabled():
+        return False
+    if not (x.requires_grad or weight.requires_grad):
+        return False
+    kernels = cpu_kernels()
     out_features, in_features = weight.shape
     rows = x.numel() // max(x.shape[-1], 1)
-    return (x.device.type == "cpu" and weight.dtype == torch.float32 and out_features <= NARROW_LAYER_OUT
-            and rows <= NARROW_LAYER_ROWS and rows * in_features * out_features >= NARROW_LAYER_WORK
-            and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-            and cpu_kernels() is not None)
+    return (kernels is not None and out_features <= kernels.NARROW_OUT and rows <= kernels.NARROW_ROWS
+            and rows * in_features * out_features >= NARROW_LAYER_WORK)
 
 
 def values_to_dense(rows: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_meprop import MePropLinear, meprop_linear, time_linear_backward
+from mnist_meprop.kernels import cpu_kernels
 
 
 def reference_mask(dy: torch.Tensor, k: int, unified: bool) -> torch.Tensor:
@@ -86,6 +87,8 @@ def test_a_large_narrow_dense_layer_is_ordinary_backprop(x_grad, bias):
     """k=0 on a layer narrow and large enough for the kernel's dense backward (the 10-wide output
     layer of a 2000-wide MLP at minibatch 50, as a 3-d input): torch's gradients."""
     x, weight, b, dy = make_inputs((5, 10, 2000), d_out=10, bias=bias, x_grad=x_grad)
+    if cpu_kernels() is not None:  # it goes through the kernel's node, not torch's AddmmBackward
+        assert "MePropLinear" in type(meprop_linear(x, weight, b, k=0).grad_fn).__name__
     got = meprop_grads(x, weight, b, dy, 0, False)
     expected = dense_grads(x, weight, b, dy)
     for actual, want in zip(got, expected):

@@ -1195,6 +1195,8 @@ bool set_flush_denormal_all_threads(bool on) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("per_example_backward", &per_example_backward, "meProp per-example backward (CPU)");
   m.def("unified_backward", &unified_backward, "meProp unified top-k backward (CPU)");
+  m.attr("NARROW_OUT") = kNarrowOut;  // dense_backward's own-loop limits, for ops._narrow_layer_pays
+  m.attr("NARROW_ROWS") = kNarrowRows;
   m.def("dense_backward", &dense_backward, "dense linear backward, narrow layers by own loops (CPU)");
   m.def("adam_rows", &adam_rows, "lazy Adam update of some rows (CPU)");
   m.def("adam_rows_exact", &adam_rows_exact, "exact (dense-equivalent) Adam update of some rows (CPU)");
