@@ -194,8 +194,8 @@ void weighted_row_sum(scalar_t* __restrict__ dst, int64_t begin, int64_t end, in
 
 #if defined(__AVX512F__)
 // One register tile of gathered_gemm: R rows by V vectors of 16 columns from column c. Only the
-// last, partial tile of a row masks its loads (`lanes`): masked loads in the inner loop cost this
-// project's AMD EPYC more than twice the time of the whole tile.
+// last, partial tile of a row masks its loads (`lanes`): with masked loads in every tile a
+// 20 x 50 x 2048 product took 2.3x as long on this project's AMD EPYC (94.5 against 40.6 us).
 template <int R, int V, bool kMasked>
 inline void gemm_tile(float* __restrict__ dst, int64_t ldc, int64_t terms, const float* a, const float* const* b,
                       int64_t c, const __mmask16* lanes) {
@@ -239,7 +239,8 @@ void gemm_tile_rows(float* dst, int64_t ldc, int64_t rows, int64_t terms, const 
 // c in [begin, end): a small matrix product whose right-hand rows are gathered by pointer (the kept
 // weight rows, or the examples' inputs). Each term is added in order, as weighted_row_sum does, but
 // with AVX-512 on float32 a tile of 4 rows by 64 columns stays in registers, so each loaded source
-// vector feeds four multiply-adds instead of one (2.3x faster for 20 x 50 x 2048, one thread).
+// vector feeds four multiply-adds instead of one (the 20 kept dW rows of a 2000-wide layer at
+// minibatch 50, one thread, selection included: 55 against 86 us row by row).
 template <typename scalar_t>
 void gathered_gemm(scalar_t* dst, int64_t ldc, int64_t rows, int64_t terms, const scalar_t* a,
                    const scalar_t* const* b, int64_t begin, int64_t end) {
