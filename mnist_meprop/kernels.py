@@ -49,7 +49,7 @@ def _build(required: bool) -> ModuleType | None:
         from torch.utils import cpp_extension
 
         print("mnist_meprop: loading the CPU kernels (compiled on first use, about 30 s)", file=sys.stderr, flush=True)
-        return cpp_extension.load(name="mnist_meprop_cpu_v36", sources=[source],
+        return cpp_extension.load(name="mnist_meprop_cpu_v37", sources=[source],
                                   extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512",
                                                 "-fno-math-errno", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"], verbose=False)

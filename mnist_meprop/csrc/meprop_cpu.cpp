@@ -372,12 +372,17 @@ void row_sums(scalar_t* dst, int64_t n_out, int64_t width, const int64_t* offset
 
 }  // namespace
 
-// The inputs of a meProp linear backward: a contiguous 2-D dy, and x / weight where dW / dx are asked for.
-void check_backward_inputs(const torch::Tensor& dy, const c10::optional<torch::Tensor>& x_opt,
-                           const c10::optional<torch::Tensor>& weight_opt, bool need_dx, bool need_dw) {
+// The inputs of a linear layer's backward: a contiguous 2-D dy [n, out], and where dW / dx are asked
+// for a contiguous x [n, in] / weight [out, in]. Returns the layer's input width (0 when neither is).
+int64_t check_backward_inputs(const torch::Tensor& dy, const c10::optional<torch::Tensor>& x_opt,
+                              const c10::optional<torch::Tensor>& weight_opt, bool need_dx, bool need_dw) {
   TORCH_CHECK(dy.dim() == 2 && dy.is_contiguous(), "dy must be a contiguous 2-D tensor");
   TORCH_CHECK(!need_dw || (x_opt.has_value() && x_opt->is_contiguous()), "need_dw needs a contiguous x");
   TORCH_CHECK(!need_dx || (weight_opt.has_value() && weight_opt->is_contiguous()), "need_dx needs a contiguous weight");
+  TORCH_CHECK(!need_dw || (x_opt->dim() == 2 && x_opt->size(0) == dy.size(0)), "x must be [n, in]");
+  TORCH_CHECK(!need_dx || (weight_opt->dim() == 2 && weight_opt->size(0) == dy.size(1)), "weight must be [out, in]");
+  TORCH_CHECK(!(need_dx && need_dw) || x_opt->size(1) == weight_opt->size(1), "x and weight must share in");
+  return need_dw ? x_opt->size(1) : (need_dx ? weight_opt->size(1) : 0);
 }
 
 // Backward of y = x W^T + b keeping, per example, the given (or top-k) entries of dy.
@@ -467,7 +472,7 @@ std::vector<torch::Tensor> per_example_backward(torch::Tensor dy, c10::optional<
 std::vector<torch::Tensor> unified_backward(torch::Tensor dy, c10::optional<torch::Tensor> x_opt,
                                             c10::optional<torch::Tensor> weight_opt, int64_t k, bool need_dx,
                                             bool need_dw) {
-  check_backward_inputs(dy, x_opt, weight_opt, need_dx, need_dw);
+  const int64_t in = check_backward_inputs(dy, x_opt, weight_opt, need_dx, need_dw);
   const int64_t n = dy.size(0), out = dy.size(1);
   TORCH_CHECK(k >= 1 && k <= out, "k must be in 1..out");
   torch::Tensor rows = torch::empty({k}, dy.options().dtype(torch::kLong));
@@ -487,12 +492,10 @@ std::vector<torch::Tensor> unified_backward(torch::Tensor dy, c10::optional<torc
       for (int64_t e = 0; e < n; ++e) sum += kept[j * n + e] = g[e * out + r[j]];
       bv[j] = sum;
     }
-    const int64_t in = need_dw ? x_opt->size(1) : (need_dx ? weight_opt->size(1) : 0);
     std::vector<GatheredProduct<scalar_t>> products;
     std::vector<const scalar_t*> x_rows(need_dw ? n : 0), w_rows(need_dx ? k : 0);
     std::vector<scalar_t> kept_t(need_dx ? n * k : 0);  // example e's kept entries at kept_t[e * k + j]
     if (need_dw) {  // dW rows: kept^T [k, n] times the inputs
-      TORCH_CHECK(x_opt->size(0) == n && (!need_dx || weight_opt->size(1) == in), "x must be [n, in]");
       w_values = torch::empty({k, in}, dy.options());
       for (int64_t e = 0; e < n; ++e) x_rows[e] = x_opt->data_ptr<scalar_t>() + e * in;
       products.push_back({w_values.data_ptr<scalar_t>(), k, n, kept.data(), x_rows.data()});
@@ -868,7 +871,7 @@ constexpr int64_t kNarrowRows = 512;
 // 2-core AMD EPYC VM). Other layers are two mm calls.
 std::vector<torch::Tensor> dense_backward(const torch::Tensor& dy, const c10::optional<torch::Tensor>& x_opt,
                                           const c10::optional<torch::Tensor>& weight_opt, bool need_dx, bool need_dw) {
-  check_backward_inputs(dy, x_opt, weight_opt, need_dx, need_dw);
+  const int64_t in = check_backward_inputs(dy, x_opt, weight_opt, need_dx, need_dw);
   const int64_t n = dy.size(0), out = dy.size(1);
   torch::Tensor dx, dw;
   if (out > kNarrowOut || n > kNarrowRows) {
@@ -876,10 +879,6 @@ std::vector<torch::Tensor> dense_backward(const torch::Tensor& dy, const c10::op
     if (need_dw) dw = dy.t().mm(*x_opt);
     return {dx, dw, dy.sum(0)};
   }
-  const int64_t in = need_dw ? x_opt->size(1) : (need_dx ? weight_opt->size(1) : 0);
-  TORCH_CHECK(!need_dx || weight_opt->size(0) == out, "weight must have dy's width of rows");
-  TORCH_CHECK(!need_dw || (x_opt->size(0) == n && (!need_dx || weight_opt->size(1) == in)),
-              "x must have dy's rows and weight's columns");
   if (need_dx) dx = torch::empty({n, in}, dy.options());
   if (need_dw) dw = torch::empty({out, in}, dy.options());
   torch::Tensor db = torch::empty({out}, dy.options());  // summed here: torch's sum costs 9 us on two threads
