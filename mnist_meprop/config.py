@@ -74,6 +74,9 @@ class Config:
     n_layer: int = 3
     d_minibatch: int = 10
     k: int = 20
+    # The output layer's k: null is the paper's setting for the task (dense for MNIST and POS,
+    # the hidden layers' k for parsing); 0 makes it dense.
+    output_k: int | None = None
     unified: bool = False
     selection: str = "topk"
     dropout: float = 0.0
@@ -138,6 +141,7 @@ _RULES: dict[str, tuple[type, bool, Callable[[Any], str | None] | None]] = {
     "n_layer": (int, False, _at_least(1)),
     "d_minibatch": (int, False, _at_least(1)),
     "k": (int, False, _at_least(0)),
+    "output_k": (int, True, _at_least(0)),
     "unified": (bool, False, None),
     "selection": (str, False, _one_of(SELECTIONS)),
     "dropout": (float, False, _dropout_range),
@@ -236,6 +240,8 @@ def validate(raw: dict[str, Any]) -> Config:
                           f"got {config.dataset!r}")
     if config.activation != "relu" and config.task != "parsing":
         raise ConfigError(f"activation: {config.activation} is for the parser (task parsing), not task {config.task}")
+    if config.task == "pos" and config.output_k:
+        raise ConfigError("output_k: the tagger's output layer stays dense (the paper), so task pos takes 0 or null")
     if config.task == "pos" and config.simplify.enabled:
         raise ConfigError("simplify.enabled: meSimp prunes MLP hidden units (task mnist or parsing), not the LSTM of task pos")
     if config.dataset == "idx" and not config.data_dir:
@@ -275,6 +281,8 @@ def fused_engine_limits(config: Config) -> str | None:
     for key, value in needs.items():
         if getattr(config, key) != value:
             return f"{key}: {getattr(config, key)} (needs {'null' if value is None else value})"
+    if config.output_k:
+        return f"output_k: {config.output_k} (needs a dense output layer: 0 or null)"
     if config.simplify.enabled:
         return "simplify.enabled: true"
     return None

@@ -73,6 +73,7 @@ def build_model(config: Config, d_input: int, n_classes: int) -> nn.Sequential:
     """The MLP described by ``config`` for data with ``d_input`` features and ``n_classes`` labels."""
     model = build_mlp(d_input, n_classes, config.d_hidden, config.n_layer, config.k,
                       config.unified, config.selection, config.dropout,
-                      sparse_grad=is_meprop_active(config.k, config.d_hidden), bias_grad=config.bias_grad)
+                      sparse_grad=is_meprop_active(config.k, config.d_hidden), bias_grad=config.bias_grad,
+                      output_k=config.output_k or 0)
     initialize(model, config.init)
     return model

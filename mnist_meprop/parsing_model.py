@@ -29,17 +29,22 @@ class Parser(nn.Module):
 
     ``activation``: ``cube`` is Chen & Manning's, with their initialisation (embeddings and weights
     uniform(-0.01, 0.01)); ``relu`` keeps torch's (or ``init``'s) initialisation. The meProp paper
-    does not say which its parser used; with ReLU, per-example k=20 does not train here."""
+    does not say which its parser used; with ReLU, per-example k=20 does not train here.
+
+    ``output_k`` is the output layer's k: ``None`` is the paper's setting (the hidden layers' ``k``),
+    0 a dense output layer."""
 
     def __init__(self, n_embeddings: int, n_transitions: int, d_hidden: int, n_layer: int, k: int,
                  unified: bool = False, selection: str = "topk", dropout: float = 0.0,
-                 bias_grad: str = "masked", init: str = "torch", activation: str = "relu") -> None:
+                 bias_grad: str = "masked", init: str = "torch", activation: str = "relu",
+                 output_k: int | None = None) -> None:
         super().__init__()
         self.embed = nn.Embedding(n_embeddings, EMBEDDING_DIM)
         active = is_meprop_active(k, d_hidden)
+        output_k = k if output_k is None else output_k
         self.mlp = build_mlp(EMBEDDING_DIM * N_FEATURES, n_transitions, d_hidden, n_layer, k, unified, selection,
                              dropout, sparse_grad=active, bias_grad=bias_grad,
-                             output_k=k if is_meprop_active(k, n_transitions) else 0,
+                             output_k=output_k if is_meprop_active(output_k, n_transitions) else 0,
                              activation=Cube if activation == "cube" else nn.ReLU)
         initialize(self.mlp, init)
         if activation == "cube":

@@ -241,7 +241,7 @@ PARSING = Task(
     build_model=lambda config, data: Parser(data.vocabulary.n_embeddings, len(data.vocabulary.transitions),
                                             config.d_hidden, config.n_layer, config.k, config.unified,
                                             config.selection, config.dropout, config.bias_grad, config.init,
-                                            config.activation),
+                                            config.activation, config.output_k),
     loss=_cross_entropy,
     count=len,
     count_correct=_count_correct,

@@ -29,12 +29,18 @@ LOSS_PARTS = 8  # the training loss is recorded per 1/8 epoch, the authors' C# l
 
 def method_name(config: Config) -> str:
     """``dense`` when no hidden layer sparsifies its gradient, else e.g. ``meProp per-example top-k``
-    (``meSimp ...`` when the hidden layers are simplified)."""
+    (``meSimp ...`` when the hidden layers are simplified); an ``output_k`` other than the task's
+    paper setting is named after it, e.g. ``meProp per-example top-k, output layer dense``."""
     if config.n_layer < 2 or not is_meprop_active(config.k, config.d_hidden):
-        return "dense"
-    mode = "unified" if config.unified else "per-example"
-    method = "meSimp" if config.simplify.enabled else "meProp"
-    return f"{method} {mode} {'top-k' if config.selection == 'topk' else 'random-k'}"
+        method = "dense"
+    else:
+        mode = "unified" if config.unified else "per-example"
+        simplified = "meSimp" if config.simplify.enabled else "meProp"
+        method = f"{simplified} {mode} {'top-k' if config.selection == 'topk' else 'random-k'}"
+    paper_output_k = config.k if config.task == "parsing" else 0
+    if config.output_k is None or config.output_k == paper_output_k:
+        return method
+    return f"{method}, output layer {f'k={config.output_k}' if config.output_k else 'dense'}"
 
 
 @dataclass

@@ -163,10 +163,11 @@ def test_parser_trains_end_to_end_on_a_few_sentences_through_the_cli(tmp_path):
     assert record["epochs"][-1]["train_loss"] < record["epochs"][0]["train_loss"]
 
 
-@pytest.mark.parametrize("activation", ["relu", "cube"])
-def test_parser_gradients_equal_the_masked_reference_output_layer_included(activation):
-    """Every layer (the output layer too) back-propagates the per-example top-k of its output gradient,
-    down into the embeddings: against the same model run densely with hooks masking each layer."""
+@pytest.mark.parametrize(("activation", "output_k"), [("relu", None), ("cube", None), ("cube", 0), ("cube", 5)])
+def test_parser_gradients_equal_the_masked_reference_output_layer_included(activation, output_k):
+    """Every layer (the output layer too, with its own ``output_k`` when given) back-propagates the
+    per-example top-k of its output gradient, down into the embeddings: against the same model run
+    densely with hooks masking each layer's gradient to that layer's k."""
     import copy
 
     import torch
@@ -176,20 +177,21 @@ def test_parser_gradients_equal_the_masked_reference_output_layer_included(activ
     from mnist_meprop.parsing_model import Parser
 
     torch.manual_seed(0)
-    model = Parser(100, 12, 16, 3, k=3, activation=activation).double()
+    model = Parser(100, 12, 16, 3, k=3, activation=activation, output_k=output_k).double()
     reference = copy.deepcopy(model)
-
-    def mask(grad):
-        kept = grad.abs().topk(3, dim=-1).indices
-        return torch.zeros_like(grad).scatter_(-1, kept, grad.gather(-1, kept))
+    layer_k = {0: 3, 2: 3, 4: 3 if output_k is None else output_k}  # the output layer: the hidden k unless given
 
     def mask_output_gradient(module, args, out):
-        out.register_hook(mask)
-    for layer in reference.mlp:
+        def mask(grad):
+            kept = grad.abs().topk(module.kept, dim=-1).indices
+            return torch.zeros_like(grad).scatter_(-1, kept, grad.gather(-1, kept))
+        if module.kept:
+            out.register_hook(mask)
+    for index, layer in enumerate(reference.mlp):
         if isinstance(layer, MePropLinear):
-            layer.k = 0
+            layer.k, layer.kept = 0, layer_k[index]
             layer.register_forward_hook(mask_output_gradient)
-    assert model.mlp[4].k == 3  # the output layer is meProp too
+    assert [model.mlp[i].k for i in (0, 2, 4)] == list(layer_k.values())
     x, y = torch.randint(0, 100, (64, 48)), torch.randint(0, 12, (64,))
     nn.functional.cross_entropy(model(x), y).backward()
     nn.functional.cross_entropy(reference(x), y).backward()
@@ -212,6 +214,26 @@ def test_cube_activation_is_the_parsers_with_chen_and_mannings_init():
     with pytest.raises(ConfigError, match="activation: cube is for the parser"):
         load_config(None, ["activation=cube"])
     assert load_config(None, ["task=parsing", "dataset=ewt", "activation=cube"]).activation == "cube"
+
+
+def test_output_k_is_validated_and_names_the_method():
+    from mnist_meprop.config import load_config
+    from mnist_meprop.errors import ConfigError
+    from mnist_meprop.train import method_name
+
+    parsing = ["task=parsing", "dataset=ewt", "k=20"]
+    assert method_name(load_config(None, parsing)) == "meProp per-example top-k"  # the paper: output k = k
+    assert method_name(load_config(None, [*parsing, "output_k=20"])) == "meProp per-example top-k"
+    assert method_name(load_config(None, [*parsing, "output_k=0"])) == "meProp per-example top-k, output layer dense"
+    assert method_name(load_config(None, [*parsing, "k=0", "output_k=20"])) == "dense, output layer k=20"
+    assert method_name(load_config(None, ["output_k=5"])) == "meProp per-example top-k, output layer k=5"
+    assert load_config(None, ["output_k=5"]).engine == "autograd"  # the fused engine's output layer is dense
+    with pytest.raises(ConfigError, match="output_k: .*task pos"):
+        load_config(None, ["task=pos", "dataset=ewt", "output_k=5"])
+    with pytest.raises(ConfigError, match="output_k: must be >= 0"):
+        load_config(None, ["output_k=-1"])
+    with pytest.raises(ConfigError, match="engine: fused does not support output_k"):
+        load_config(None, ["output_k=5", "engine=fused"])
 
 
 def test_parsing_bench_times_every_model_against_stock_with_its_bound():
