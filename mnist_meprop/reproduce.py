@@ -677,7 +677,10 @@ def readme_table(dataset: str, data_dir: str | None, seeds: int, epochs: int | N
         configs = all_configs([(spec, rows)])
         log(f"readme table, {name}: {len(configs)} runs in {runs_dir}")
         by_key = _run_or_read(configs, runs_dir, report_only, log, should_stop, executor)
-        lines.append(_readme_line(f"{name} ({metric})", rows, by_key))
+        meprop_rows = [row for row in rows if row.baseline == rows[0].label]
+        for row in meprop_rows:  # a variant row (the parser's output layer at the paper's share) gets a line of its own
+            variant = row.label.removeprefix(meprop_rows[0].label)
+            lines.append(_readme_line(f"{name}{variant} ({metric})", rows[0], row, by_key))
     headers = ["task (test score)", "paper: backprop", "paper: meProp", "ours: backprop", "ours: meProp", "seeds"]
     table = markdown(headers, lines)
     env = environment()
@@ -705,10 +708,9 @@ def readme_table(dataset: str, data_dir: str | None, seeds: int, epochs: int | N
     return path
 
 
-def _readme_line(task: str, rows: list[Row], by_key: dict[str, dict[str, Any]]) -> list[str]:
-    """One README-table row: the task, then paper and ours for backprop (the first row) and meProp (the row
-    whose baseline it is), each as time and score, meProp's with its speedup and difference."""
-    base, meprop = rows[0], next(row for row in rows if row.baseline == rows[0].label)
+def _readme_line(task: str, base: Row, meprop: Row, by_key: dict[str, dict[str, Any]]) -> list[str]:
+    """One README-table row: the task, then paper and ours for backprop and meProp, each as time and score,
+    meProp's with its speedup and difference."""
     cells = [task]
     if all(row.paper.get(key) is not None for row in (base, meprop) for key in ("linear_backward_s", "test")):
         base_time, base_score = base.paper["linear_backward_s"], base.paper["test"]
