@@ -697,6 +697,9 @@ def readme_table(dataset: str, data_dir: str | None, seeds: int, epochs: int | N
         "- the paper's times are its C# program's on its machine (per epoch for parsing and POS tagging), ours are "
         "whole runs here: compare the speedups, not the seconds. The authors' README prints the parsing difference as +0.04 (88.94 against "
         "89.80: it is inconsistent as published)",
+        "- our runs were timed as they trained, whenever the command (or a task's own reproduction) stored them, "
+        "some beside other runs: a speedup here compares whole runs, not timings taken side by side (each task's "
+        "report says when and how its runs ran)",
         "",
         table,
         "",
