@@ -16,7 +16,7 @@ def command(out_dir):
     return [sys.executable, "-m", "mnist_meprop", *SWEEP, "--out", str(out_dir)]
 
 
-def wait_for(condition, process, timeout=120.0):
+def wait_for(condition, process, timeout=300.0):  # generous: a loaded machine, and the kernels may compile first
     deadline = time.monotonic() + timeout
     while not condition():
         assert process.poll() is None, process.communicate()[1]
