@@ -56,6 +56,7 @@ def main() -> None:
                 x, y = data.train_x[order[:args.examples]], data.train_y[order[:args.examples]]
             model = task.build_model(config, data)
             model.load_state_dict(saved["model"])
+            model.eval()  # no dropout: the model as evaluated (its gradients still flow)
             out = model.embed(x).reshape(len(x), -1).detach()
             scales, hidden = [], []
             for module in model.mlp:
@@ -69,14 +70,15 @@ def main() -> None:
             with torch.no_grad():
                 dy = out.softmax(-1)
                 dy[torch.arange(len(y)), y] -= 1
-                kept = dy.abs().topk(args.k, dim=1).indices
+                kept = dy.abs().topk(min(args.k, dy.shape[1]), dim=1).indices
                 kept_sum = float(dy.gather(1, kept).sum(1).mean())
                 selection = []
                 for layer, z in enumerate(hidden, 1):
-                    chosen = z.grad.abs().topk(args.k, dim=1).indices.reshape(-1)
+                    k = min(args.k, z.shape[1])  # a layer narrower than k keeps all its units
+                    chosen = z.grad.abs().topk(k, dim=1).indices.reshape(-1)
                     counts = torch.bincount(chosen, minlength=z.shape[1]).double()
-                    top_share = float(counts.sort(descending=True).values[:args.k].sum() / counts.sum())
-                    selection.append(f"layer {layer}: {top_share:.0%} to its top {args.k} units, "
+                    top_share = float(counts.sort(descending=True).values[:k].sum() / counts.sum())
+                    selection.append(f"layer {layer}: {top_share:.0%} to its top {k} units, "
                                      f"{float((counts == 0).double().mean()):.0%} of units never")
             print(f"{run_dir.name}: {record['method']}, {config.optimizer}, {config.activation}, best epoch "
                   f"{record['best_epoch']}: mean |output| per module {', '.join(f'{s:.3g}' for s in scales)}; "
