@@ -288,6 +288,16 @@ def fused_engine_limits(config: Config) -> str | None:
     return None
 
 
+def paper_output_k(config: Config) -> int:
+    """The paper's k for the task's output layer: the hidden layers' ``k`` for the parser, dense (0) otherwise."""
+    return config.k if config.task == "parsing" else 0
+
+
+def output_layer_k(config: Config) -> int:
+    """The output layer's k: ``output_k``, or the paper's setting for the task when it is null."""
+    return paper_output_k(config) if config.output_k is None else config.output_k
+
+
 def config_warnings(config: Config) -> list[str]:
     """Settings that are valid but probably not what was meant."""
     if config.k >= config.d_hidden:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .config import Config
+from .config import Config, output_layer_k
 from .layers import MePropLinear
 from .ops import is_meprop_active
 
@@ -74,6 +74,6 @@ def build_model(config: Config, d_input: int, n_classes: int) -> nn.Sequential:
     model = build_mlp(d_input, n_classes, config.d_hidden, config.n_layer, config.k,
                       config.unified, config.selection, config.dropout,
                       sparse_grad=is_meprop_active(config.k, config.d_hidden), bias_grad=config.bias_grad,
-                      output_k=config.output_k or 0)
+                      output_k=output_layer_k(config))
     initialize(model, config.init)
     return model

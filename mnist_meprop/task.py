@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from .config import Config, output_layer_k
 from .conllu import Sentence, load_ewt
 from .data import iterate_minibatches, load_data
 from .model import build_model
@@ -241,7 +241,7 @@ PARSING = Task(
     build_model=lambda config, data: Parser(data.vocabulary.n_embeddings, len(data.vocabulary.transitions),
                                             config.d_hidden, config.n_layer, config.k, config.unified,
                                             config.selection, config.dropout, config.bias_grad, config.init,
-                                            config.activation, config.output_k),
+                                            config.activation, output_layer_k(config)),
     loss=_cross_entropy,
     count=len,
     count_correct=_count_correct,

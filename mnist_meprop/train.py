@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config, resolve_device
+from .config import Config, output_layer_k, paper_output_k, resolve_device
 from .engine import FusedMLPStep
 from .kernels import cpu_kernels, flushes_denormals, set_flush_denormal
 from .log import to_stderr
@@ -37,8 +37,7 @@ def method_name(config: Config) -> str:
         mode = "unified" if config.unified else "per-example"
         simplified = "meSimp" if config.simplify.enabled else "meProp"
         method = f"{simplified} {mode} {'top-k' if config.selection == 'topk' else 'random-k'}"
-    paper_output_k = config.k if config.task == "parsing" else 0
-    if config.output_k is None or config.output_k == paper_output_k:
+    if output_layer_k(config) == paper_output_k(config):
         return method
     return f"{method}, output layer {f'k={config.output_k}' if config.output_k else 'dense'}"
 
