@@ -131,16 +131,18 @@ def masked_full_model(model: nn.Module, units: list[torch.Tensor] | None, d_hidd
     return nn.Sequential(*layers).eval()
 
 
-def inference_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median milliseconds of one forward over ``x`` (after two warm-up passes)."""
-    times = []
+def inference_ms(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
+    """Median milliseconds of one forward over ``x`` for each model, timed in interleaved rounds (each model
+    once per round) after two warm-up rounds, so that a change in machine load hits them alike."""
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for attempt in range(repeats + 2):
-            start = time.perf_counter()
-            model(x)
-            if attempt >= 2:
-                times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+            for model, model_times in zip(models, times):
+                start = time.perf_counter()
+                model(x)
+                if attempt >= 2:
+                    model_times.append(1000 * (time.perf_counter() - start))
+    return [statistics.median(model_times) for model_times in times]
 
 
 def _sizes(model: nn.Module) -> list[int]:
@@ -150,7 +152,7 @@ def _sizes(model: nn.Module) -> list[int]:
 
 def compare_models(run_dir: Path, record: dict[str, Any], repeats: int) -> ModelComparison:
     """Build the run's compact and full-size masked models, check their test-set predictions
-    against the trained model's and time both."""
+    against the trained model's and time both, side by side."""
     config, trained, units = load_trained(run_dir, record)
     compact = compact_model(trained)
     full = masked_full_model(trained, units, config.d_hidden)
@@ -159,9 +161,9 @@ def compare_models(run_dir: Path, record: dict[str, Any], repeats: int) -> Model
         reference = trained(test_x).argmax(dim=1)
         same = bool((compact(test_x).argmax(dim=1) == reference).all())
         same_full = bool((full(test_x).argmax(dim=1) == reference).all())
+    compact_ms, full_ms = inference_ms([compact, full], test_x, repeats)
     return ModelComparison(record, config, units, compact, _sizes(compact), _sizes(full), len(test_x), same, same_full,
-                           inference_ms(compact, test_x, repeats), inference_ms(full, test_x, repeats),
-                           torch.get_num_threads())
+                           compact_ms, full_ms, torch.get_num_threads())
 
 
 def export_run(run_dir: Path, out: Path, key: str | None = None, repeats: int = 20, threads: int | None = None,

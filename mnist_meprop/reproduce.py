@@ -10,6 +10,7 @@ once, finished runs are never recomputed and an interrupted reproduction resumes
 from __future__ import annotations
 
 import csv
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -28,7 +29,7 @@ from .log import to_stderr
 from .results import environment, format_mean_std, mean_std, mean_units
 from .executors import Executor
 from .runner import run_experiments
-from .store import latest_by_key, model_path, read_records, run_key
+from .store import INFERENCE_FILE, append_record, latest_by_key, model_path, read_records, run_key
 from .train import LOSS_PARTS
 
 TABLES = ("1", "2", "3", "4", "5", "6", "fig4", "mesimp", "early", "ablation")
@@ -86,6 +87,7 @@ class TableSpec:
 SPEC_FILES = {"fig4": "fig4.yaml", "mesimp": "mesimp.yaml", "early": "early.yaml", "ablation": "ablation.yaml",
               README_TABLE: "readme.yaml"}
 AUTHORS_DATA = "authors-csharp.yaml"
+INFERENCE_REPEATS = 10  # meSimp's inference timing: interleaved rounds per model
 EARLY_EPOCHS = 3  # the early-training figure and the ablation's early-loss column cover the first 3 epochs
 
 
@@ -422,13 +424,15 @@ def ablation_lines(rows: list[Row], by_key: dict[str, dict[str, Any]]) -> tuple[
 
 
 def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any]],
-                 runs_dir: Path) -> tuple[list[str], list[list[str]]]:
+                 runs_dir: Path) -> tuple[list[str], list[list[str]], list[str]]:
     """meSimp's table: units per hidden layer, average units (% of d), test accuracy paper vs ours,
-    and, for the simplified rows, inference speedup of the compact model over the full-size masked one."""
+    and, for the simplified rows, inference speedup of the compact model over the full-size masked one;
+    then a note on where and how those inference times were taken."""
     d_hidden = spec.base["d_hidden"]
     headers = ["row", "seeds", "paper avg units", "ours units per layer", "ours avg units (% of d)",
                "paper test %", "ours test %", "ours − paper", "inference speedup (compact vs full)"]
     cells = []
+    timings: list[dict[str, Any]] = []
     for row in rows:
         records = ok_records(row.configs, by_key)
         paper_units, paper_test = row.paper.get("units"), row.paper.get("test")
@@ -438,21 +442,48 @@ def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, A
         layer_means = mean_units(records)
         average = statistics.fmean(layer_means)
         mean, std = mean_std([r["test_acc"] for r in records])
-        speedups = [inference_speedup(runs_dir, r) for r in records if r.get("simplify")]
-        speedups = [value for value in speedups if value is not None]
+        row_timings = [t for t in (inference_timing(runs_dir, r) for r in records if r.get("simplify")) if t]
+        timings += row_timings
         cells.append([row.label, str(len(records)), _opt_int(paper_units), " / ".join(f"{m:.0f}" for m in layer_means),
                       f"{average:.0f} ({100 * average / d_hidden:.0f}%)", _opt(paper_test),
                       format_mean_std(mean, std, len(records)), "" if paper_test is None else f"{mean - paper_test:+.2f}",
-                      f"{statistics.fmean(speedups):.2f}x" if speedups else ""])
-    return headers, cells
+                      f"{statistics.fmean(t['speedup'] for t in row_timings):.2f}x" if row_timings else ""])
+    return headers, cells, _inference_note(timings)
 
 
-def inference_speedup(runs_dir: Path, record: dict[str, Any]) -> float | None:
-    """Full-size masked model's test-set inference time over the compact model's (None without a saved
-    model, or for another task than MNIST's MLP, which is all :mod:`mnist_meprop.export` compacts)."""
+def inference_timing(runs_dir: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The full-size masked model's test-set inference time against the compact model's, for a meSimp run
+    (None without a saved model, or for another task than MNIST's MLP, which is all
+    :mod:`mnist_meprop.export` compacts). Measured once, side by side, and kept in
+    ``runs_dir/inference-timings.jsonl`` with its threads, time and machine load, so that regenerating a
+    report does not re-time it on a machine that may be busy."""
     if record["config"].get("task", "mnist") != "mnist" or not model_path(runs_dir, record["key"]).exists():
         return None
-    return compare_models(runs_dir, record, repeats=10).speedup
+    stored = latest_by_key(read_records(runs_dir, file=INFERENCE_FILE))
+    if record["key"] not in stored:
+        comparison = compare_models(runs_dir, record, repeats=INFERENCE_REPEATS)
+        stored[record["key"]] = {
+            "key": record["key"], "speedup": comparison.speedup, "compact_ms": comparison.compact_ms,
+            "full_ms": comparison.full_ms, "threads": comparison.threads, "repeats": INFERENCE_REPEATS,
+            "load_average_1min": os.getloadavg()[0], "cpu": environment()["cpu"],
+            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        append_record(runs_dir, stored[record["key"]], file=INFERENCE_FILE)
+    return stored[record["key"]]
+
+
+def _inference_note(timings: list[dict[str, Any]]) -> list[str]:
+    """How the meSimp table's inference speedups were measured: when, threads, machine load."""
+    if not timings:
+        return []
+    days = sorted({t["measured_at"][:10] for t in timings})
+    threads = sorted({t["threads"] for t in timings})
+    loads = [t["load_average_1min"] for t in timings]
+    return [(f"Inference speedup: one forward over the test set, the full-size masked model against the compact "
+            f"one, timed side by side (median of {timings[0]['repeats']} interleaved rounds), once per run and kept in "
+            f"`runs/{INFERENCE_FILE}`: {len(timings)} runs, {' / '.join(map(str, threads))} thread(s), measured "
+            f"{' to '.join([days[0], days[-1]] if len(days) > 1 else days)} on {timings[0]['cpu']}, 1-minute load "
+            f"average {min(loads):.1f}-{max(loads):.1f} (a load above 0 means other processes shared the cores). "
+            f"`meprop export` times one run again."), ""]
 
 
 def _opt_int(value: float | None) -> str:
@@ -566,20 +597,37 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
         log(f"reproduce: {len(extra)} more runs, dense MLPs of the sizes meSimp reached")
         by_key.update((r["key"], r) for r in run_experiments(extra, out_dir / "runs", log=log,
                                                              should_stop=should_stop, executor=executor))
-    done = sum(run_key(c) in by_key for c in configs)
+    stored = sum(run_key(c) in by_key for c in configs)
+    threads_used = sorted({by_key[run_key(c)]["env"]["threads"] for c in configs if run_key(c) in by_key})
+    header = _report_header(command, task, dataset, data_dir, [spec.name for spec in specs], seeds, epochs,
+                            fig4_seeds, fig4_epochs, quick, threads_used, stored, len(configs))
     out_dir.mkdir(parents=True, exist_ok=True)
+    sections = header + [line for spec, rows in built for line in _table_section(spec, rows, by_key, out_dir, log)]
+    notes = out_dir / "NOTES.md"
+    if notes.exists():
+        sections += ["## Where our numbers differ from the paper, and why (NOTES.md, written by hand)", "",
+                     notes.read_text(encoding="utf-8").strip(), ""]
+    report = out_dir / "REPORT.md"
+    report.write_text("\n".join(sections) + "\n", encoding="utf-8")
+    return report
+
+
+def _report_header(command: str, task: str, dataset: str, data_dir: str | None, tables: list[str], seeds: int,
+                   epochs: int | None, fig4_seeds: int, fig4_epochs: int | None, quick: bool,
+                   threads_used: list[int], stored: int, total: int) -> list[str]:
+    """The report's opening lines: how it was made (command, data, seeds, epochs, machine), how to read its
+    numbers, and, while runs are missing, that it is partial."""
     env = environment()
-    run_threads = sorted({by_key[run_key(c)]["env"]["threads"] for c in configs if run_key(c) in by_key})
-    threads_text = " / ".join(map(str, run_threads)) if run_threads else str(env["threads"])
+    threads_text = " / ".join(map(str, threads_used)) if threads_used else str(env["threads"])
     ewt = task in EWT_TASKS
-    sections = [
+    return [
         "# meProp reproduction report",
         "",
         f"- command: `{command}`",
         f"- dataset: {dataset}{' (' + data_dir + ')' if data_dir else ''}; seeds 1-{seeds}; "
         f"epochs: {'1 (quick)' if quick else (epochs or 'as the paper, 20')}"
         + (f"; Figure 4: seeds 1-{fig4_seeds}, epochs {'1 (quick)' if quick else (fig4_epochs or 20)}"
-           if "fig4" in [spec.name for spec in specs] and (fig4_seeds, fig4_epochs) != (seeds, epochs) else "")
+           if "fig4" in tables and (fig4_seeds, fig4_epochs) != (seeds, epochs) else "")
         + ((f"; quick subset: the first {QUICK['train_limit']} train and {QUICK['test_limit']} dev and test sentences"
             if ewt else f"; quick subset: {QUICK['train_limit']} train / {QUICK['dev_size']} dev / "
                         f"{QUICK['test_limit']} test") if quick else ""),
@@ -592,47 +640,46 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
            "of epochs shown"] if not ewt else
           ["- the paper's numbers are on WSJ (Penn Treebank), ours on UD English-EWT r2.16: compare ours with ours,",
            "  backprop with meProp; the paper's accuracies and times are context"]),
-        *([f"- **partial report**: {done} of {len(configs)} runs stored so far; the seeds column counts the runs "
-           "behind each number and \"not run\" marks rows still to come"] if done < len(configs) else []),
+        *([f"- **partial report**: {stored} of {total} runs stored so far; the seeds column counts the runs "
+           "behind each number and \"not run\" marks rows still to come"] if stored < total else []),
         "",
     ]
-    authors = authors_runs()
-    for spec, rows in built:
-        extra_lines: list[str] = []
-        if spec.name == "mesimp":
-            headers, cells = mesimp_lines(spec, rows, by_key, out_dir / "runs")
-        elif spec.name == "early":
-            curves = early_series(spec, rows, by_key, authors)
-            headers, cells = early_lines(curves)
-            extra_lines = [f"![early training loss]({early_plot(curves, out_dir).name})", ""]
-        elif spec.name == "ablation":
-            headers, cells = ablation_lines(rows, by_key)
-        else:
-            headers, cells = table_lines(spec, rows, by_key, authors)
-        name = spec.name if spec.name in SPEC_FILES else f"table{spec.name}"
-        with open(out_dir / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(headers)
-            writer.writerows(cells)
-        sections += [f"## {spec.title}", ""] + extra_lines
-        if spec.variants:
-            sections += [f"Columns \"ours + {v.name}\": {v.label}." for v in spec.variants] + [""]
-        if spec.name == "fig4":
-            plots = fig4_plots(spec, rows, by_key, out_dir)
-            best = max((statistics.fmean(v["test"]) for row in rows if row.label.startswith("meProp top-k")
-                        for v in [row_values(row.configs, by_key)] if v["test"]), default=None)
-            sections += [f"Best meProp top-k test accuracy in the sweep: "
-                         f"{'n/a' if best is None else f'{best:.2f}'} (paper: {spec.paper['best_meprop_test']:.2f}).", ""]
-            sections += [f"![{path.stem}]({path.name})" for path in plots] + [""]
-        sections += [markdown(headers, cells), ""]
-        log(f"\n{spec.title}\n{markdown(headers, cells)}")
-    notes = out_dir / "NOTES.md"
-    if notes.exists():
-        sections += ["## Where our numbers differ from the paper, and why (NOTES.md, written by hand)", "",
-                     notes.read_text(encoding="utf-8").strip(), ""]
-    report = out_dir / "REPORT.md"
-    report.write_text("\n".join(sections) + "\n", encoding="utf-8")
-    return report
+
+
+def _table_section(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, Any]], out_dir: Path,
+                   log: Callable[[str], None]) -> list[str]:
+    """One table of the report: writes its CSV (and plots) into ``out_dir``, logs it and returns its
+    Markdown section."""
+    extra_lines: list[str] = []
+    after_table: list[str] = []
+    if spec.name == "mesimp":
+        headers, cells, after_table = mesimp_lines(spec, rows, by_key, out_dir / "runs")
+    elif spec.name == "early":
+        curves = early_series(spec, rows, by_key, authors_runs())
+        headers, cells = early_lines(curves)
+        extra_lines = [f"![early training loss]({early_plot(curves, out_dir).name})", ""]
+    elif spec.name == "ablation":
+        headers, cells = ablation_lines(rows, by_key)
+    else:
+        headers, cells = table_lines(spec, rows, by_key, authors_runs())
+    name = spec.name if spec.name in SPEC_FILES else f"table{spec.name}"
+    with open(out_dir / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(headers)
+        writer.writerows(cells)
+    section = [f"## {spec.title}", ""] + extra_lines
+    if spec.variants:
+        section += [f"Columns \"ours + {v.name}\": {v.label}." for v in spec.variants] + [""]
+    if spec.name == "fig4":
+        plots = fig4_plots(spec, rows, by_key, out_dir)
+        best = max((statistics.fmean(v["test"]) for row in rows if row.label.startswith("meProp top-k")
+                    for v in [row_values(row.configs, by_key)] if v["test"]), default=None)
+        section += [f"Best meProp top-k test accuracy in the sweep: "
+                    f"{'n/a' if best is None else f'{best:.2f}'} (paper: {spec.paper['best_meprop_test']:.2f}).", ""]
+        section += [f"![{path.stem}]({path.name})" for path in plots] + [""]
+    section += [markdown(headers, cells), ""] + after_table
+    log(f"\n{spec.title}\n{markdown(headers, cells)}")
+    return section
 
 
 def _run_or_read(configs: Sequence[Config], runs_dir: Path, report_only: bool, log: Callable[[str], None],

@@ -31,6 +31,8 @@ except ImportError:  # not POSIX: no cross-process locks, one process per output
     fcntl = None
 
 RUNS_FILE = "runs.jsonl"
+# Timings taken after a run (meSimp's compact-model inference), measured once and kept beside its record.
+INFERENCE_FILE = "inference-timings.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "models"
 LOCK_DIR = ".locks"
@@ -76,10 +78,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def append_record(out_dir: Path, record: dict[str, Any]) -> None:
-    """Append one run to ``out_dir/runs.jsonl`` as one line, flushed and fsynced."""
+def append_record(out_dir: Path, record: dict[str, Any], file: str = RUNS_FILE) -> None:
+    """Append one record to ``out_dir/<file>`` (default: the runs, ``runs.jsonl``) as one line, flushed and
+    fsynced."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / RUNS_FILE
+    path = out_dir / file
     line = json.dumps(record) + "\n"
     with open(path, "a+b") as handle:
         handle.seek(0, os.SEEK_END)
@@ -92,10 +95,12 @@ def append_record(out_dir: Path, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-def read_records(out_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """All complete records in ``out_dir/runs.jsonl``; unreadable lines are skipped with a warning."""
+def read_records(out_dir: Path, warn: Callable[[str], None] | None = None,
+                 file: str = RUNS_FILE) -> list[dict[str, Any]]:
+    """All complete records in ``out_dir/<file>`` (default ``runs.jsonl``); unreadable lines are skipped with a
+    warning."""
     warn = warn or to_stderr
-    path = out_dir / RUNS_FILE
+    path = out_dir / file
     if not path.exists():
         return []
     records = []
