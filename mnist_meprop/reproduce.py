@@ -769,14 +769,18 @@ def _readme_line(task: str, base: Row, meprop: Row, by_key: dict[str, dict[str, 
     else:
         cells += ["", ""]
     ours_base, ours_meprop = row_values(base.configs, by_key), row_values(meprop.configs, by_key)
-    if ours_base["test"] and ours_meprop["test"]:
+    base_time = base_score = None  # meProp's cell compares with backprop's only when both are stored
+    if ours_base["test"]:
         base_time, base_score = statistics.fmean(ours_base["linear_backward_s"]), statistics.fmean(ours_base["test"])
-        cells += [_readme_cell(base_time, base_score, mean_std(ours_base["test"])[1]),
-                  _readme_cell(statistics.fmean(ours_meprop["linear_backward_s"]), statistics.fmean(ours_meprop["test"]),
-                               mean_std(ours_meprop["test"])[1], base_time, base_score)]
+        cells.append(_readme_cell(base_time, base_score, mean_std(ours_base["test"])[1]))
     else:
-        cells += [_missing(base, by_key) if not ours_base["test"] else "",
-                  _missing(meprop, by_key) if not ours_meprop["test"] else ""]
+        cells.append(_missing(base, by_key))
+    if ours_meprop["test"]:
+        cells.append(_readme_cell(statistics.fmean(ours_meprop["linear_backward_s"]),
+                                  statistics.fmean(ours_meprop["test"]), mean_std(ours_meprop["test"])[1],
+                                  base_time, base_score))
+    else:
+        cells.append(_missing(meprop, by_key))
     return cells + [f"{len(ours_base['test'])} / {len(ours_meprop['test'])}"]
 
 

@@ -177,8 +177,10 @@ def test_the_readme_table_has_the_three_tasks_from_their_own_folders(tmp_path):
                                                            "POS tagging (accuracy %)", "MNIST (accuracy %)"]
     parsing = [cell.strip() for cell in rows[0].split("|")[1:-1]]
     assert parsing[1:3] == ["9,078 s, 89.80", "489 s (18.6x), 88.94 (-0.86)"]  # the paper, recomputed
+    rows_by_task = {}
     for row in rows:
         cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        rows_by_task[cells[0]] = cells
         assert cells[3].endswith(tuple("0123456789")) and "x), " in cells[4] and cells[5] == "1 / 1", row
     for folder, task in [("parsing-ewt", "parsing"), ("pos-ewt", "pos"), ("mnist-sample", "mnist")]:
         records = [json.loads(line) for line in (root / folder / "runs" / "runs.jsonl").read_text().splitlines()]
@@ -187,6 +189,14 @@ def test_the_readme_table_has_the_three_tasks_from_their_own_folders(tmp_path):
     again = readme_table("sample", None, 1, None, True, root, "meprop reproduce --table readme --quick", threads=1,
                          log=lines.append, ewt_dir=str(data_dir), report_only=True)
     assert again.read_text().split("\n| ")[1:] == path.read_text().split("\n| ")[1:]
+    # a task with its backprop run stored and its meProp run not yet: backprop's cell shows, meProp's says so
+    pos_runs = root / "pos-ewt" / "runs" / "runs.jsonl"
+    pos_runs.write_text("".join(line + "\n" for line in pos_runs.read_text().splitlines() if '"k": 0,' in line))
+    partial = readme_table("sample", None, 1, None, True, root, "meprop reproduce --table readme --quick", threads=1,
+                           log=lines.append, ewt_dir=str(data_dir), report_only=True)
+    pos = [[cell.strip() for cell in line.split("|")[1:-1]] for line in partial.read_text().splitlines()
+           if line.startswith("| POS")][0]
+    assert pos[3] == rows_by_task["POS tagging (accuracy %)"][3] and pos[4] == "not run" and pos[5] == "1 / 0"
 
 
 def test_the_mnist_readme_rows_share_table_1s_backprop_run():
@@ -211,3 +221,13 @@ def _tiny_treebank(tmp_path):
     """A data_dir with the made-up EWT files of tests/test_pos.py."""
     from test_pos import write_tiny_ewt
     return write_tiny_ewt(tmp_path / "ewt")
+
+
+def test_the_project_readme_shows_the_stored_readme_table():
+    """The README's three-task table is a copy of results/README-TABLE.md (which the command writes)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    stored = [line for line in (root / "results" / "README-TABLE.md").read_text().splitlines() if line.startswith("|")]
+    readme = (root / "README.md").read_text().split("<!-- readme-table: from results/README-TABLE.md -->\n", 1)[1]
+    shown = readme.split("\n\n", 1)[0].splitlines()
+    assert len(stored) == 6 and shown == stored
