@@ -26,7 +26,7 @@ from .config import Config, validate
 from .errors import ConfigError
 from .export import compare_models
 from .log import to_stderr
-from .results import environment, format_mean_std, mean_std, mean_units
+from .results import UNDER_LOAD, cpu_share, environment, format_mean_std, mean_std, mean_units
 from .executors import Executor
 from .runner import run_experiments
 from .store import INFERENCE_FILE, append_record, latest_by_key, model_path, read_records, run_key
@@ -603,6 +603,7 @@ def reproduce(tables: Iterable[str], dataset: str, data_dir: str | None, seeds: 
                             fig4_seeds, fig4_epochs, quick, threads_used, stored, len(configs))
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = header + [line for spec, rows in built for line in _table_section(spec, rows, by_key, out_dir, log)]
+    sections += _load_section(built, by_key)
     notes = out_dir / "NOTES.md"
     if notes.exists():
         sections += ["## Where our numbers differ from the paper, and why (NOTES.md, written by hand)", "",
@@ -680,6 +681,29 @@ def _table_section(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str,
     section += [markdown(headers, cells), ""] + after_table
     log(f"\n{spec.title}\n{markdown(headers, cells)}")
     return section
+
+
+def _load_section(built: list[tuple[TableSpec, list[Row]]], by_key: dict[str, dict[str, Any]]) -> list[str]:
+    """Which stored 1-thread runs waited for a core while they trained, from their CPU time over their
+    wall-clock time (:func:`mnist_meprop.results.cpu_share`): their times count the wait."""
+    shares: dict[str, tuple[str, float | None]] = {}
+    for spec, rows in built:
+        for row in rows:
+            for config in row.configs:
+                record = by_key.get(run_key(config))
+                if record is not None and record.get("status", "ok") == "ok" and record["env"]["threads"] == 1:
+                    name = spec.name if spec.name in SPEC_FILES else f"Table {spec.name}"
+                    shares.setdefault(record["key"], (f"{name}, {row.label}, seed {config.seed}", cpu_share(record)))
+    measured = {key: value for key, value in shares.items() if value[1] is not None}
+    if not measured:
+        return []
+    waited = [f"{label} ({share:.2f})" for label, share in measured.values() if share < UNDER_LOAD]
+    return ["## Machine load while the runs trained", "",
+            f"CPU time over wall-clock time, per 1-thread run (1.00: the run had a core to itself; lower: it waited "
+            f"for one, and its times count the wait). Recorded for {len(measured)} of the {len(shares)} stored "
+            f"1-thread runs (runs stored before it was recorded have none): "
+            f"{min(s for _, s in measured.values()):.2f} to {max(s for _, s in measured.values()):.2f}. "
+            + (f"Below {UNDER_LOAD}: {'; '.join(waited)}." if waited else f"None below {UNDER_LOAD}."), ""]
 
 
 def _run_or_read(configs: Sequence[Config], runs_dir: Path, report_only: bool, log: Callable[[str], None],

@@ -76,6 +76,20 @@ def failures(records: Iterable[dict[str, Any]]) -> list[str]:
             for r in records if r.get("status") == "failed"]
 
 
+UNDER_LOAD = 0.9  # a 1-thread run whose CPU time is below this share of its wall-clock time waited for a core
+
+
+def cpu_share(record: dict[str, Any]) -> float | None:
+    """The run's CPU time over its wall-clock time times its threads, over the epochs that recorded CPU
+    time (None for runs stored before it was recorded). About 1 for a 1-thread run that had a core to
+    itself; lower when it waited for one, and then its wall-clock timers count the wait too."""
+    epochs = [epoch for epoch in record.get("epochs", []) if "cpu_seconds" in epoch]
+    wall = sum(epoch["seconds"] for epoch in epochs)
+    if not epochs or wall <= 0:
+        return None
+    return sum(epoch["cpu_seconds"] for epoch in epochs) / (wall * record["env"]["threads"])
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)

@@ -170,11 +170,15 @@ def _evaluate(run: _Run, at: float) -> dict[str, Any]:
     return {"at": at, "dev_loss": dev_loss, "dev_acc": dev_acc, "test_acc": test_acc}
 
 
+# The epoch record's times: the only keys in which two identical runs differ.
+EPOCH_TIME_KEYS = ("seconds", "cpu_seconds")
+
+
 def _train_epoch(run: _Run, epoch: int, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
     """One epoch of minibatch steps with the per-phase timers, evaluating on the config's schedule
     (``evals_per_epoch`` points, the last at the epoch's end). Returns the epoch's record."""
     config, model, timings, clock = run.config, run.model, run.result.timings, run.clock
-    epoch_start = time.perf_counter()
+    epoch_start, epoch_cpu_start = time.perf_counter(), time.process_time()
     model.train()
     if run.simplifier is not None:
         if run.simplifier.starts_cycle(epoch) and config.simplify.reset_optimizer and epoch > 1:
@@ -234,6 +238,8 @@ def _train_epoch(run: _Run, epoch: int, should_stop: Callable[[], bool] | None) 
         "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
         "train_loss_parts": loss_parts, "dev_loss": last["dev_loss"], "dev_acc": last["dev_acc"],
         "test_acc": last["test_acc"], "seconds": time.perf_counter() - epoch_start,
+        # CPU time of all the process's threads: below wall-clock x threads when the run waited for a core
+        "cpu_seconds": time.process_time() - epoch_cpu_start,
         **({"units": run.simplifier.active_units()} if run.simplifier is not None else {}),
         **({"evals": evals} if len(evals) > 1 else {}),
     }
@@ -310,7 +316,7 @@ def train_run(config: Config, data: Any, log: Callable[[str], None] | None = Non
             log(f"  epoch {epoch}/{config.n_epoch}  loss {record['train_loss']:.4f}  dev {record['dev_acc']:.2f}%  "
                 f"best {result.best_dev_acc:.2f}% @{result.best_epoch:g}  test@best {result.test_acc:.2f}%  "
                 + (f"units {record['units']}  " if "units" in record else "")
-                + f"({record['seconds']:.1f}s)")
+                + f"({record['seconds']:.1f}s, CPU {record['cpu_seconds']:.1f}s)")
     finally:
         if config.flush_denormal != flushing_before:
             set_flush_denormal(flushing_before)

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from mnist_meprop.cli import main
 from mnist_meprop.config import load_config
 from mnist_meprop.runner import run_experiments, sweep_configs
+from mnist_meprop.train import EPOCH_TIME_KEYS
 
 # Runs of about a second per epoch on one thread: long enough to interrupt or kill one mid-run.
 SETTINGS = ["n_epoch=5", "dev_size=300", "train_limit=1500", "test_limit=500", "threads=1"]
@@ -43,8 +44,8 @@ def records(out: Path) -> list[dict]:
 
 
 def metrics(record: dict) -> tuple:
-    """What a run reports, minus wall-clock times."""
-    epochs = [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in record["epochs"]]
+    """What a run reports, minus its times."""
+    epochs = [{k: v for k, v in epoch.items() if k not in EPOCH_TIME_KEYS} for epoch in record["epochs"]]
     return record["key"], record["status"], epochs, record["best_dev_acc"], record["test_acc"], record["best_epoch"]
 
 

@@ -231,3 +231,24 @@ def test_the_project_readme_shows_the_stored_readme_table():
     readme = (root / "README.md").read_text().split("<!-- readme-table: from results/README-TABLE.md -->\n", 1)[1]
     shown = readme.split("\n\n", 1)[0].splitlines()
     assert len(stored) == 6 and shown == stored
+
+
+def test_the_report_names_the_runs_that_waited_for_a_core(tmp_path):
+    result = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "3", "--threads", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    runs_file = tmp_path / "runs" / "runs.jsonl"
+    records = [json.loads(line) for line in runs_file.read_text().splitlines()]
+    assert all(0 < epoch["cpu_seconds"] for record in records for epoch in record["epochs"])
+    slowed = records[0]
+    for record in records:  # one run as if it had half a core, the others a whole one (whatever this machine did)
+        for epoch in record["epochs"]:
+            epoch["cpu_seconds"] = epoch["seconds"] / (2 if record is slowed else 1)
+    del records[1]["epochs"][0]["cpu_seconds"]  # and one stored before CPU time was recorded
+    runs_file.write_text("".join(json.dumps(record) + "\n" for record in records))
+    result = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "3", "--threads", "1", "--out", str(tmp_path),
+                                       "--report-only"])
+    assert result.exit_code == 0, result.output
+    section = (tmp_path / "REPORT.md").read_text().split("## Machine load while the runs trained\n", 1)[1]
+    assert f"Recorded for {len(records) - 1} of the {len(records)} stored 1-thread runs" in section
+    assert f"seed {slowed['seed']} (0.50)" in section.split("Below 0.9: ", 1)[1].split("\n", 1)[0]
+    assert section.count("(0.") == 1  # the other runs had their core (or recorded nothing)

@@ -10,7 +10,7 @@ from mnist_meprop.data import load_data
 from mnist_meprop.runner import run_experiments, sweep_configs
 from mnist_meprop.store import (RUNS_FILE, append_record, checkpoint_path, load_checkpoint, read_records,
                                 run_key, save_checkpoint)
-from mnist_meprop.train import RunInterrupted, train_run
+from mnist_meprop.train import EPOCH_TIME_KEYS, RunInterrupted, train_run
 
 TINY = dict(dataset="sample", dev_size=200, train_limit=400, test_limit=200, n_epoch=3, d_hidden=48,
             d_minibatch=20, lr=0.001)
@@ -32,8 +32,8 @@ def quiet(_line):
 
 
 def metrics(result):
-    """Everything a run reports except wall-clock times."""
-    epochs = [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in result.epochs]
+    """Everything a run reports except its times."""
+    epochs = [{k: v for k, v in epoch.items() if k not in EPOCH_TIME_KEYS} for epoch in result.epochs]
     return epochs, result.best_dev_acc, result.test_acc, result.best_epoch
 
 

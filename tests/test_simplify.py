@@ -15,7 +15,7 @@ from mnist_meprop.model import build_mlp
 from mnist_meprop.ops import TopkCounter
 from mnist_meprop.optim import build_optimizer
 from mnist_meprop.simplify import Simplifier, linear_layers, remove_units
-from mnist_meprop.train import RunInterrupted, train_run
+from mnist_meprop.train import EPOCH_TIME_KEYS, RunInterrupted, train_run
 
 TINY = dict(dataset="sample", dev_size=200, train_limit=600, test_limit=300, n_epoch=4, d_hidden=64,
             d_minibatch=20, k=16, optimizer="adam", lr=0.001)
@@ -128,7 +128,7 @@ def test_mesimp_run_shrinks_every_hidden_layer_and_resumes_exactly(tiny_data, tm
     with pytest.raises(RunInterrupted):  # stop in epoch 2, after prunes and an optimizer reset are due
         train_run(config, tiny_data, quiet, checkpoint, lambda: calls.append(1) or len(calls) > 40)
     resumed = train_run(config, tiny_data, quiet, checkpoint)
-    strip = lambda r: [{k: v for k, v in e.items() if k != "seconds"} for e in r.epochs]  # noqa: E731
+    strip = lambda r: [{k: v for k, v in e.items() if k not in EPOCH_TIME_KEYS} for e in r.epochs]  # noqa: E731
     assert strip(resumed) == strip(whole) and resumed.units == whole.units and resumed.prunes == whole.prunes
 
 
