@@ -698,12 +698,17 @@ def _load_section(built: list[tuple[TableSpec, list[Row]]], by_key: dict[str, di
     if not measured:
         return []
     waited = [f"{label} ({share:.2f})" for label, share in measured.values() if share < UNDER_LOAD]
+    partly = [f"{label} ({sum('cpu_seconds' in e for e in by_key[key]['epochs'])} of {len(by_key[key]['epochs'])} "
+              "epochs)" for key, (label, _) in measured.items()
+              if not all("cpu_seconds" in e for e in by_key[key]["epochs"])]
     return ["## Machine load while the runs trained", "",
             f"CPU time over wall-clock time, per 1-thread run (1.00: the run had a core to itself; lower: it waited "
             f"for one, and its times count the wait). Recorded for {len(measured)} of the {len(shares)} stored "
             f"1-thread runs (runs stored before it was recorded have none): "
             f"{min(s for _, s in measured.values()):.2f} to {max(s for _, s in measured.values()):.2f}. "
-            + (f"Below {UNDER_LOAD}: {'; '.join(waited)}." if waited else f"None below {UNDER_LOAD}."), ""]
+            + (f"Below {UNDER_LOAD}: {'; '.join(waited)}." if waited else f"None below {UNDER_LOAD}.")
+            + (f" Over only the epochs that recorded it (a run resumed by newer code): {'; '.join(partly)}."
+               if partly else ""), ""]
 
 
 def _run_or_read(configs: Sequence[Config], runs_dir: Path, report_only: bool, log: Callable[[str], None],

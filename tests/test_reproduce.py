@@ -244,6 +244,8 @@ def test_the_report_names_the_runs_that_waited_for_a_core(tmp_path):
         for epoch in record["epochs"]:
             epoch["cpu_seconds"] = epoch["seconds"] / (2 if record is slowed else 1)
     del records[1]["epochs"][0]["cpu_seconds"]  # and one stored before CPU time was recorded
+    earlier = {k: v for k, v in slowed["epochs"][0].items() if k != "cpu_seconds"}
+    slowed["epochs"].insert(0, earlier)  # the slowed run began under code that did not record it
     runs_file.write_text("".join(json.dumps(record) + "\n" for record in records))
     result = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "3", "--threads", "1", "--out", str(tmp_path),
                                        "--report-only"])
@@ -252,3 +254,4 @@ def test_the_report_names_the_runs_that_waited_for_a_core(tmp_path):
     assert f"Recorded for {len(records) - 1} of the {len(records)} stored 1-thread runs" in section
     assert f"seed {slowed['seed']} (0.50)" in section.split("Below 0.9: ", 1)[1].split("\n", 1)[0]
     assert section.count("(0.") == 1  # the other runs had their core (or recorded nothing)
+    assert f"seed {slowed['seed']} (1 of 2 epochs)" in section.split("Over only the epochs that recorded it", 1)[1]
