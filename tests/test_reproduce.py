@@ -230,7 +230,7 @@ def test_the_project_readme_shows_the_stored_readme_table():
     stored = [line for line in (root / "results" / "README-TABLE.md").read_text().splitlines() if line.startswith("|")]
     readme = (root / "README.md").read_text().split("<!-- readme-table: from results/README-TABLE.md -->\n", 1)[1]
     shown = readme.split("\n\n", 1)[0].splitlines()
-    assert len(stored) == 6 and shown == stored
+    assert len(stored) == 6 and shown == stored, "run: python scripts/sync_readme_table.py"
 
 
 def test_the_report_names_the_runs_that_waited_for_a_core(tmp_path):
