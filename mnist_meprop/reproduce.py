@@ -26,7 +26,8 @@ from .config import Config, validate
 from .errors import ConfigError
 from .export import compare_models
 from .log import to_stderr
-from .results import UNDER_LOAD, cpu_share, environment, format_mean_std, mean_std, mean_units
+from .results import (UNDER_LOAD, cpu_model, cpu_share, cpu_timed_epochs, environment, format_mean_std, mean_std,
+                      mean_units)
 from .executors import Executor
 from .runner import run_experiments
 from .store import INFERENCE_FILE, append_record, latest_by_key, model_path, read_records, run_key
@@ -433,6 +434,7 @@ def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, A
                "paper test %", "ours test %", "ours − paper", "inference speedup (compact vs full)"]
     cells = []
     timings: list[dict[str, Any]] = []
+    stored = latest_by_key(read_records(runs_dir, file=INFERENCE_FILE))
     for row in rows:
         records = ok_records(row.configs, by_key)
         paper_units, paper_test = row.paper.get("units"), row.paper.get("test")
@@ -442,7 +444,7 @@ def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, A
         layer_means = mean_units(records)
         average = statistics.fmean(layer_means)
         mean, std = mean_std([r["test_acc"] for r in records])
-        row_timings = [t for t in (inference_timing(runs_dir, r) for r in records if r.get("simplify")) if t]
+        row_timings = [t for t in (inference_timing(runs_dir, r, stored) for r in records if r.get("simplify")) if t]
         timings += row_timings
         cells.append([row.label, str(len(records)), _opt_int(paper_units), " / ".join(f"{m:.0f}" for m in layer_means),
                       f"{average:.0f} ({100 * average / d_hidden:.0f}%)", _opt(paper_test),
@@ -451,21 +453,22 @@ def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, A
     return headers, cells, _inference_note(timings)
 
 
-def inference_timing(runs_dir: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+def inference_timing(runs_dir: Path, record: dict[str, Any],
+                     stored: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """The full-size masked model's test-set inference time against the compact model's, for a meSimp run
     (None without a saved model, or for another task than MNIST's MLP, which is all
     :mod:`mnist_meprop.export` compacts). Measured once, side by side, and kept in
-    ``runs_dir/inference-timings.jsonl`` with its threads, time and machine load, so that regenerating a
-    report does not re-time it on a machine that may be busy."""
+    ``runs_dir/inference-timings.jsonl`` (``stored``: that file's records by run key, updated here) with its
+    threads, time and machine load, so that regenerating a report does not re-time it on a machine that
+    may be busy."""
     if record["config"].get("task", "mnist") != "mnist" or not model_path(runs_dir, record["key"]).exists():
         return None
-    stored = latest_by_key(read_records(runs_dir, file=INFERENCE_FILE))
     if record["key"] not in stored:
         comparison = compare_models(runs_dir, record, repeats=INFERENCE_REPEATS)
         stored[record["key"]] = {
             "key": record["key"], "speedup": comparison.speedup, "compact_ms": comparison.compact_ms,
             "full_ms": comparison.full_ms, "threads": comparison.threads, "repeats": INFERENCE_REPEATS,
-            "load_average_1min": os.getloadavg()[0], "cpu": environment()["cpu"],
+            "load_average_1min": os.getloadavg()[0], "cpu": cpu_model(),
             "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         append_record(runs_dir, stored[record["key"]], file=INFERENCE_FILE)
     return stored[record["key"]]
@@ -686,26 +689,27 @@ def _table_section(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str,
 def _load_section(built: list[tuple[TableSpec, list[Row]]], by_key: dict[str, dict[str, Any]]) -> list[str]:
     """Which stored 1-thread runs waited for a core while they trained, from their CPU time over their
     wall-clock time (:func:`mnist_meprop.results.cpu_share`): their times count the wait."""
-    shares: dict[str, tuple[str, float | None]] = {}
+    labelled: dict[str, tuple[str, dict[str, Any]]] = {}  # run key -> (row and seed, record)
     for spec, rows in built:
         for row in rows:
             for config in row.configs:
                 record = by_key.get(run_key(config))
                 if record is not None and record.get("status", "ok") == "ok" and record["env"]["threads"] == 1:
                     name = spec.name if spec.name in SPEC_FILES else f"Table {spec.name}"
-                    shares.setdefault(record["key"], (f"{name}, {row.label}, seed {config.seed}", cpu_share(record)))
-    measured = {key: value for key, value in shares.items() if value[1] is not None}
+                    labelled.setdefault(record["key"], (f"{name}, {row.label}, seed {config.seed}", record))
+    measured = [(label, share, record) for label, record in labelled.values()
+                if (share := cpu_share(record)) is not None]
     if not measured:
         return []
-    waited = [f"{label} ({share:.2f})" for label, share in measured.values() if share < UNDER_LOAD]
-    partly = [f"{label} ({sum('cpu_seconds' in e for e in by_key[key]['epochs'])} of {len(by_key[key]['epochs'])} "
-              "epochs)" for key, (label, _) in measured.items()
-              if not all("cpu_seconds" in e for e in by_key[key]["epochs"])]
+    shares = [share for _, share, _ in measured]
+    waited = [f"{label} ({share:.2f})" for label, share, _ in measured if share < UNDER_LOAD]
+    partly = [f"{label} ({len(cpu_timed_epochs(record))} of {len(record['epochs'])} epochs)"
+              for label, _, record in measured if len(cpu_timed_epochs(record)) < len(record["epochs"])]
     return ["## Machine load while the runs trained", "",
             f"CPU time over wall-clock time, per 1-thread run (1.00: the run had a core to itself; lower: it waited "
-            f"for one, and its times count the wait). Recorded for {len(measured)} of the {len(shares)} stored "
+            f"for one, and its times count the wait). Recorded for {len(measured)} of the {len(labelled)} stored "
             f"1-thread runs (runs stored before it was recorded have none): "
-            f"{min(s for _, s in measured.values()):.2f} to {max(s for _, s in measured.values()):.2f}. "
+            f"{min(shares):.2f} to {max(shares):.2f}. "
             + (f"Below {UNDER_LOAD}: {'; '.join(waited)}." if waited else f"None below {UNDER_LOAD}.")
             + (f" Over only the epochs that recorded it (a run resumed by newer code): {'; '.join(partly)}."
                if partly else ""), ""]

@@ -79,11 +79,17 @@ def failures(records: Iterable[dict[str, Any]]) -> list[str]:
 UNDER_LOAD = 0.9  # a 1-thread run whose CPU time is below this share of its wall-clock time waited for a core
 
 
+def cpu_timed_epochs(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's epochs that recorded their CPU time (none for runs stored before it was recorded; the
+    later epochs of a run resumed by newer code)."""
+    return [epoch for epoch in record.get("epochs", []) if "cpu_seconds" in epoch]
+
+
 def cpu_share(record: dict[str, Any]) -> float | None:
-    """The run's CPU time over its wall-clock time times its threads, over the epochs that recorded CPU
-    time (None for runs stored before it was recorded). About 1 for a 1-thread run that had a core to
-    itself; lower when it waited for one, and then its wall-clock timers count the wait too."""
-    epochs = [epoch for epoch in record.get("epochs", []) if "cpu_seconds" in epoch]
+    """The run's CPU time over its wall-clock time times its threads, over :func:`cpu_timed_epochs` (None
+    without any). About 1 for a 1-thread run that had a core to itself; lower when it waited for one,
+    and then its wall-clock timers count the wait too."""
+    epochs = cpu_timed_epochs(record)
     wall = sum(epoch["seconds"] for epoch in epochs)
     if not epochs or wall <= 0:
         return None
