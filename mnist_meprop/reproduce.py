@@ -278,8 +278,8 @@ def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, An
         run = authors.get(row.authors) if row.authors else None
         for metric in metrics:
             if metric == "test":
-                line += _test_cells(row, [values[(row.label, name)]["test"] for name, _ in sources], run,
-                                    with_authors, by_key)
+                line += _test_cells(row, [(values[(row.label, name)]["test"], pick(row)) for name, pick in sources],
+                                    run, with_authors, by_key)
                 continue
             base_row = next((r for r in rows if r.label == row.baseline), None)
             base_run = authors.get(base_row.authors) if base_row is not None and base_row.authors else None
@@ -291,16 +291,17 @@ def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, An
     return headers, cells
 
 
-def _test_cells(row: Row, per_source: list[list[float]], run: dict[str, Any] | None, with_authors: bool,
-                by_key: dict[str, dict[str, Any]]) -> list[str]:
-    """Paper, [the authors' program,] then per source: mean ± std and the difference to the paper."""
+def _test_cells(row: Row, per_source: list[tuple[list[float], list[Config]]], run: dict[str, Any] | None,
+                with_authors: bool, by_key: dict[str, dict[str, Any]]) -> list[str]:
+    """Paper, [the authors' program,] then per source (its accuracies and configs): mean ± std and the
+    difference to the paper."""
     paper = row.paper.get("test")
     cells = [_opt(paper)]
     if with_authors:
         cells.append(f"{run['best']['test_acc']:.2f} ({run['epochs_label']})" if run else "")
-    for found in per_source:
+    for found, configs in per_source:
         if not found:
-            cells += [_missing(row, by_key), ""]
+            cells += [_missing(configs, by_key), ""]
             continue
         mean, std = mean_std(found)
         cells += [format_mean_std(mean, std, len(found)), "" if paper is None else f"{mean - paper:+.2f}"]
@@ -326,10 +327,10 @@ def _time_cells(row: Row, base_row: Row | None, metric: str, per_source: list[tu
     return times + [paper_ratio, authors_ratio] + ratios
 
 
-def _missing(row: Row, by_key: dict[str, dict[str, Any]]) -> str:
-    """What to show for a row without results: "failed" if a run of it is stored, else "not run"."""
-    stored = any(run_key(c) in by_key for c in [*row.configs, *(c for cs in row.variants.values() for c in cs)])
-    return "failed" if stored else "not run"
+def _missing(configs: list[Config], by_key: dict[str, dict[str, Any]]) -> str:
+    """What to show for a cell without results, from the configs behind that cell only (a row's own runs
+    say nothing of its variant's): "failed" if a run of them is stored, else "not run"."""
+    return "failed" if any(run_key(c) in by_key for c in configs) else "not run"
 
 
 def loss_parts(record: dict[str, Any], epochs: int) -> list[float]:
@@ -411,7 +412,7 @@ def ablation_lines(rows: list[Row], by_key: dict[str, dict[str, Any]]) -> tuple[
     for row in rows:
         records = ok_records(row.configs, by_key)
         if not records:
-            cells.append([row.label, _missing(row, by_key), "", "", "", ""])
+            cells.append([row.label, _missing(row.configs, by_key), "", "", "", ""])
             continue
         record = records[0]
         base = tests[row.baseline][0] if tests.get(row.baseline) else None
@@ -439,7 +440,7 @@ def mesimp_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, A
         records = ok_records(row.configs, by_key)
         paper_units, paper_test = row.paper.get("units"), row.paper.get("test")
         if not records:
-            cells.append([row.label, "0", _opt_int(paper_units), "", "", _opt(paper_test), _missing(row, by_key), "", ""])
+            cells.append([row.label, "0", _opt_int(paper_units), "", "", _opt(paper_test), _missing(row.configs, by_key), "", ""])
             continue
         layer_means = mean_units(records)
         average = statistics.fmean(layer_means)
@@ -807,13 +808,13 @@ def _readme_line(task: str, base: Row, meprop: Row, by_key: dict[str, dict[str, 
         base_time, base_score = statistics.fmean(ours_base["linear_backward_s"]), statistics.fmean(ours_base["test"])
         cells.append(_readme_cell(base_time, base_score, mean_std(ours_base["test"])[1]))
     else:
-        cells.append(_missing(base, by_key))
+        cells.append(_missing(base.configs, by_key))
     if ours_meprop["test"]:
         cells.append(_readme_cell(statistics.fmean(ours_meprop["linear_backward_s"]),
                                   statistics.fmean(ours_meprop["test"]), mean_std(ours_meprop["test"])[1],
                                   base_time, base_score))
     else:
-        cells.append(_missing(meprop, by_key))
+        cells.append(_missing(meprop.configs, by_key))
     return cells + [f"{len(ours_base['test'])} / {len(ours_meprop['test'])}"]
 
 

@@ -147,6 +147,25 @@ def test_report_only_trains_nothing_and_says_what_is_missing(tmp_path):
     assert table3["backprop, hidden 20"][1] == "1"  # one of the two seeds is stored
 
 
+def test_a_variant_without_runs_is_not_run_even_when_its_row_has_runs():
+    """The "ours + authors" cell of a row whose own runs are stored says "not run", and "failed" only
+    when a run of the variant itself failed."""
+    from mnist_meprop.reproduce import table_lines
+    from mnist_meprop.store import run_key
+    spec = load_spec("1")
+    rows = build_configs(spec, data_settings("sample", None), [1], None, False, None)
+    times = {"linear_backward": 1.0, "forward": 1.0, "backward": 2.0}
+    by_key = {run_key(c): {"status": "ok", "test_acc": 95.0, "timings": times} for row in rows for c in row.configs}
+    headers, cells = table_lines(spec, rows, by_key)
+    variant = headers.index("ours + authors test %")
+    assert {line[variant] for line in cells} == {"not run"}
+    assert {line[headers.index("ours test %")] for line in cells} == {"95.00"}
+    failed = rows[0].variants["authors"][0]
+    by_key[run_key(failed)] = {"status": "failed"}
+    _, cells = table_lines(spec, rows, by_key)
+    assert [line[variant] for line in cells] == ["failed", "not run", "not run", "not run"]
+
+
 def test_the_parsing_tables_reproduce_on_a_tiny_treebank(tmp_path):
     from mnist_meprop.reproduce import reproduce
     data_dir = _tiny_treebank(tmp_path)
