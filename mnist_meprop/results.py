@@ -30,10 +30,12 @@ def cpu_model() -> str:
 
 
 def environment() -> dict[str, Any]:
-    """Torch version, thread count and machine, recorded with every run."""
+    """Torch version, thread count, the process's nice value (when the record is made) and machine,
+    recorded with every run."""
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "nice": os.nice(0),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -38,7 +39,7 @@ def test_train_prints_table_and_writes_files(tmp_path):
     assert record["config"]["d_hidden"] == 64 and record["config"]["name"] == "sample"
     assert record["k"] == 10 and len(record["epochs"]) == 2
     assert record["test_acc"] == record["epochs"][record["best_epoch"] - 1]["test_acc"]
-    assert record["env"]["threads"] >= 1 and record["env"]["torch"]
+    assert record["env"]["threads"] >= 1 and record["env"]["torch"] and record["env"]["nice"] == os.nice(0)
     assert (tmp_path / "table.md").read_text().count("meProp per-example top-k") == 1
     rows = list(csv.DictReader((tmp_path / "table.csv").open()))
     assert len(rows) == 1 and float(rows[0]["test_acc"]) == pytest.approx(record["test_acc"])

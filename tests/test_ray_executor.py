@@ -121,6 +121,7 @@ def test_ray_sweep_gives_the_local_metrics_and_table(tmp_path, local_records):
     for record in stored:
         assert metrics(record) == local_records[record["key"]]
         assert record["env"]["threads"] == 1
+        assert record["env"]["nice"] == os.nice(0)  # not Ray's default worker nice 15: timers would count waits
     table = [line for line in completed.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(KS)  # header, one row per k
     local_out = tmp_path / "local"
