@@ -49,6 +49,9 @@ def main() -> None:
                 continue
             saved = torch.load(model_path(run_dir, record["key"]), map_location="cpu", weights_only=True)
             config = validate(saved["config"])
+            if config.simplify.enabled:  # its layers were shrunk to the kept units: not the config's d_hidden
+                print(f"{run_dir.name}: meSimp, seed {config.seed}: simplified model, skipped")
+                continue
             task = task_for(config)
             if data is None:  # every run of the project's parsing configs shares the data
                 data = task.load_data(config)
@@ -80,10 +83,11 @@ def main() -> None:
                     top_share = float(counts.sort(descending=True).values[:k].sum() / counts.sum())
                     selection.append(f"layer {layer}: {top_share:.0%} to its top {k} units, "
                                      f"{float((counts == 0).double().mean()):.0%} of units never")
-            print(f"{run_dir.name}: {record['method']}, {config.optimizer}, {config.activation}, best epoch "
+            print(f"{run_dir.name}: {record['method']}, {config.optimizer}, {config.activation}, hidden "
+                  f"{config.d_hidden}, dropout {config.dropout:g}, seed {config.seed}, best epoch "
                   f"{record['best_epoch']}: mean |output| per module {', '.join(f'{s:.3g}' for s in scales)}; "
-                  f"logits mean {float(out.mean()):.1f}, spread {float(out.std(1).mean()):.1f}; "
-                  f"loss {float(loss):.3f}; kept top-{args.k} dy sums to {kept_sum:.3f}; "
+                  f"logits mean {float(out.detach().mean()):.1f}, spread {float(out.detach().std(1).mean()):.1f}; "
+                  f"loss {float(loss.detach()):.3f}; kept top-{args.k} dy sums to {kept_sum:.3f}; "
                   f"top-{args.k} selections: {'; '.join(selection)}")
 
 
