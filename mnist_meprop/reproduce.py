@@ -35,20 +35,22 @@ from .train import LOSS_PARTS
 
 TABLES = ("1", "2", "3", "4", "5", "6", "fig4", "mesimp", "early", "ablation")
 # The POS-tagging and parsing tasks (on EWT): Tables 1, 3, 4 and the authors' README row (paper/pos-*.yaml,
-# paper/parsing-*.yaml); the paper times POS tagging's forward and backward too (its Table 2), and
-# simplifies the parser (meSimp).
-EWT_TABLES = {"pos": ("1", "2", "3", "4", "readme"), "parsing": ("1", "3", "4", "readme", "mesimp")}
+# paper/parsing-*.yaml); Table 2 times training: the paper's forward and backward for POS tagging, the
+# training time per epoch for parsing (the paper has none); the parser has meSimp too.
+EWT_TABLES = {"pos": ("1", "2", "3", "4", "readme"), "parsing": ("1", "2", "3", "4", "readme", "mesimp")}
 EWT_TASKS = tuple(EWT_TABLES)
 EWT_DATASET = "ewt"
 # With an MNIST dataset, "readme" is the authors' README table: one row per task (readme_table).
 README_TABLE = "readme"
 # --quick: a few hundred examples, one epoch; enough to exercise every table and plot.
 QUICK = {"dev_size": 200, "train_limit": 400, "test_limit": 300, "n_epoch": 1}
+# A table's time columns, each read from a run's record: whole-run sums, but for the per-epoch training time.
 TIME_METRICS = {
-    "linear_backward_s": ("linear backprop (s)", lambda t: t["linear_backward"]),
-    "forward_s": ("forward (s)", lambda t: t["forward"]),
-    "backward_s": ("backward (s)", lambda t: t["backward"]),
-    "total_s": ("forward+backward (s)", lambda t: t["forward"] + t["backward"]),
+    "linear_backward_s": ("linear backprop (s)", lambda r: r["timings"]["linear_backward"]),
+    "forward_s": ("forward (s)", lambda r: r["timings"]["forward"]),
+    "backward_s": ("backward (s)", lambda r: r["timings"]["backward"]),
+    "total_s": ("forward+backward (s)", lambda r: r["timings"]["forward"] + r["timings"]["backward"]),
+    "train_epoch_s": ("training time per epoch (s)", lambda r: r["timings"]["train"] / len(r["epochs"])),
 }
 
 
@@ -84,6 +86,7 @@ class TableSpec:
     variants: list[Variant] = field(default_factory=list)
     max_seeds: int | None = None  # e.g. the ablation runs one seed whatever --seeds says
     authors: list[str] = field(default_factory=list)  # the early figure's authors' runs
+    metrics: list[str] = field(default_factory=list)  # the columns, when the paper's numbers do not give them
 
 
 SPEC_FILES = {"fig4": "fig4.yaml", "mesimp": "mesimp.yaml", "early": "early.yaml", "ablation": "ablation.yaml",
@@ -139,7 +142,7 @@ def load_spec(name: str, task: str = "mnist") -> TableSpec:
         rows = ablation_rows(data)
     variants = [Variant(v["name"], v["label"], v["set"]) for v in data.get("variants", [])]
     return TableSpec(name, data["title"], data["base"], rows, data.get("k_values", []), data.get("paper", {}),
-                     variants, data.get("max_seeds"), data.get("authors", []))
+                     variants, data.get("max_seeds"), data.get("authors", []), data.get("metrics", []))
 
 
 def fig4_rows(spec: TableSpec) -> list[Row]:
@@ -214,7 +217,7 @@ def row_values(configs: Sequence[Config], by_key: dict[str, dict[str, Any]]) -> 
     records = ok_records(configs, by_key)
     values = {"test": [r["test_acc"] for r in records]}
     for metric, (_, pick) in TIME_METRICS.items():
-        values[metric] = [pick(r["timings"]) for r in records]
+        values[metric] = [pick(r) for r in records]
     return values
 
 
@@ -233,7 +236,7 @@ def authors_time(run: dict[str, Any], metric: str) -> float | None:
     """The authors' program's mean seconds per epoch for ``metric`` (its ``bp`` timer stands for both
     backward metrics: it covers the linear layers and the activations)."""
     timers = run.get("timers") or []
-    if not timers:
+    if not timers or metric not in AUTHORS_TIMERS:
         return None
     return statistics.fmean(sum(epoch[name] for name in AUTHORS_TIMERS[metric]) for epoch in timers)
 
@@ -254,9 +257,10 @@ def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, An
     authors = authors or {}
     sources = _sources(spec)
     values = {(row.label, name): row_values(pick(row), by_key) for row in rows for name, pick in sources}
-    metrics = list(dict.fromkeys(m for row in rows for m in row.paper))
+    metrics = spec.metrics or list(dict.fromkeys(m for row in rows for m in row.paper))
     if spec.name == "fig4":
         metrics = ["test", "linear_backward_s"]
+    with_paper = {metric: any(metric in row.paper for row in rows) for metric in metrics}
     with_authors = any(row.authors for row in rows)
     headers = ["row", "seeds"]
     for metric in metrics:
@@ -267,7 +271,8 @@ def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, An
         else:
             label = TIME_METRICS[metric][0]
             short = label.split(" (")[0]
-            headers += [f"{name} {label}" for name, _ in sources] + [f"paper speedup ({short})"]
+            headers += [f"{name} {label}" for name, _ in sources]
+            headers += [f"paper speedup ({short})"] if with_paper[metric] or spec.name == "fig4" else []
             headers += ["authors' C# here: speedup"] if with_authors else []
             headers += [f"{name} speedup" for name, _ in sources]
     cells = []
@@ -284,7 +289,7 @@ def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, An
             line += _time_cells(row, base_row, metric, [(values[(row.label, name)][metric],
                                                           values[(base_row.label, name)][metric] if base_row else [])
                                                          for name, _ in sources],
-                                (run, base_run) if with_authors else None)
+                                (run, base_run) if with_authors else None, with_paper[metric] or spec.name == "fig4")
         cells.append(line)
     return headers, cells
 
@@ -307,8 +312,9 @@ def _test_cells(row: Row, per_source: list[tuple[list[float], list[Config]]], ru
 
 
 def _time_cells(row: Row, base_row: Row | None, metric: str, per_source: list[tuple[list[float], list[float]]],
-                authors_runs: tuple[dict[str, Any] | None, dict[str, Any] | None] | None) -> list[str]:
-    """Per source the time (mean ± std), then the paper's speedup over the baseline row, [the authors'
+                authors_runs: tuple[dict[str, Any] | None, dict[str, Any] | None] | None,
+                with_paper: bool = True) -> list[str]:
+    """Per source the time (mean ± std), then [the paper's speedup over the baseline row,] [the authors'
     program's,] and per source ours; ``per_source`` holds (this row's values, the baseline row's values)."""
     times = [format_mean_std(*mean_std(found), len(found)) if found else "" for found, _ in per_source]
     ratios = [f"{statistics.fmean(base) / statistics.fmean(found):.1f}x"
@@ -316,13 +322,14 @@ def _time_cells(row: Row, base_row: Row | None, metric: str, per_source: list[tu
     paper_ratio = ""
     if base_row is not None and base_row.paper.get(metric) and row.paper.get(metric):
         paper_ratio = f"{base_row.paper[metric] / row.paper[metric]:.1f}x"
+    paper_cells = [paper_ratio] if with_paper else []
     if authors_runs is None:
-        return times + [paper_ratio] + ratios
+        return times + paper_cells + ratios
     run, base_run = authors_runs
     authors_ratio = ""
     if run and base_run and authors_time(run, metric) and authors_time(base_run, metric):
         authors_ratio = f"{authors_time(base_run, metric) / authors_time(run, metric):.1f}x"
-    return times + [paper_ratio, authors_ratio] + ratios
+    return times + paper_cells + [authors_ratio] + ratios
 
 
 def _missing(configs: list[Config], by_key: dict[str, dict[str, Any]]) -> str:

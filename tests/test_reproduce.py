@@ -154,8 +154,9 @@ def test_a_variant_without_runs_is_not_run_even_when_its_row_has_runs():
     from mnist_meprop.store import run_key
     spec = load_spec("1")
     rows = build_configs(spec, data_settings("sample", None), [1], None, False, None)
-    times = {"linear_backward": 1.0, "forward": 1.0, "backward": 2.0}
-    by_key = {run_key(c): {"status": "ok", "test_acc": 95.0, "timings": times} for row in rows for c in row.configs}
+    times = {"linear_backward": 1.0, "forward": 1.0, "backward": 2.0, "train": 3.5}
+    by_key = {run_key(c): {"status": "ok", "test_acc": 95.0, "timings": times, "epochs": [{}]}
+              for row in rows for c in row.configs}
     headers, cells = table_lines(spec, rows, by_key)
     variant = headers.index("ours + authors test %")
     assert {line[variant] for line in cells} == {"not run"}
@@ -169,14 +170,17 @@ def test_a_variant_without_runs_is_not_run_even_when_its_row_has_runs():
 def test_the_parsing_tables_reproduce_on_a_tiny_treebank(tmp_path):
     from mnist_meprop.reproduce import reproduce
     data_dir = _tiny_treebank(tmp_path)
-    report = reproduce(["1", "3", "mesimp"], "ewt", str(data_dir), 1, None, True, tmp_path / "parsing",
+    report = reproduce(["1", "2", "3", "mesimp"], "ewt", str(data_dir), 1, None, True, tmp_path / "parsing",
                        "meprop reproduce", threads=1, log=lambda line: None, task="parsing")
     text = report.read_text()
     assert "Table 1 (parsing)" in text and "Table 3 (parsing)" in text and "meSimp (parsing)" in text
+    table2 = list(csv.reader((tmp_path / "parsing" / "table2.csv").open()))
+    assert table2[0] == ["row", "seeds", "ours training time per epoch (s)", "ours speedup"]  # no paper column
+    assert len(table2) == 7 and all(float(row[2].split(" ")[0]) > 0 for row in table2[1:])
     assert "not run" not in text
     assert "18.6x" in text  # the paper's Adam speedup, from its times (9,078 s against 489 s)
     records = [json.loads(line) for line in (tmp_path / "parsing" / "runs" / "runs.jsonl").read_text().splitlines()]
-    # Table 1's six rows, Table 3's hidden-20 MLP (its meProp rows are Table 1's Adam k=20 runs), meSimp's
+    # Table 1's six rows (Table 2 times them), Table 3's hidden-20 MLP (its meProp rows are Table 1's Adam k=20 runs), meSimp's
     # run and its backprop MLP as narrow as meSimp's average (its hidden-500 backprop is Table 1's)
     assert len(records) == 9 and {r["config"]["task"] for r in records} == {"parsing"}
     assert sum(r["config"]["output_k"] == 58 for r in records) == 3  # Table 1's two rows at the paper's share, meSimp
@@ -233,7 +237,7 @@ def test_readme_goes_alone_and_tasks_take_their_datasets(tmp_path):
     wrong = CliRunner().invoke(main, ["reproduce", "--task", "parsing", "--dataset", "mnist", "--out", str(tmp_path)])
     assert wrong.exit_code == 2 and "task parsing runs on ewt" in wrong.output
     unknown = CliRunner().invoke(main, ["reproduce", "--task", "parsing", "--table", "5", "--out", str(tmp_path)])
-    assert unknown.exit_code == 2 and "with --task parsing expected 1, 3, 4, readme, mesimp" in unknown.output
+    assert unknown.exit_code == 2 and "with --task parsing expected 1, 2, 3, 4, readme, mesimp" in unknown.output
 
 
 def _tiny_treebank(tmp_path):
