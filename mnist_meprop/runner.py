@@ -20,6 +20,7 @@ from .log import to_stderr
 from .ops import is_meprop_active
 from .store import (RUNS_FILE, append_record, checkpoint_path, claim_run, latest_by_key, read_records,
                     remove_checkpoint, run_key)
+from .task import score_label
 from .train import RunInterrupted
 
 Log = Callable[[str], None]
@@ -149,7 +150,7 @@ def _outcome(number: int, total: int, record: dict[str, Any]) -> str:
     """The progress line of a finished run."""
     if record.get("status") == "failed":
         return f"run {number}/{total} FAILED: {record['error']}; recorded, going on"
-    timings = record["timings"]
-    return (f"run {number}/{total} done: best dev {record['best_dev_acc']:.2f}% at epoch "
-            f"{record['best_epoch']:g}, test {record['test_acc']:.2f}%, linear backward "
+    timings, score = record["timings"], score_label(record["config"].get("task", "mnist"))
+    return (f"run {number}/{total} done: best dev {score}{record['best_dev_acc']:.2f}% at epoch "
+            f"{record['best_epoch']:g}, test {score}{record['test_acc']:.2f}%, linear backward "
             f"{timings['linear_backward']:.2f}s, total {timings['total']:.1f}s ({record['env']['threads']} threads)")

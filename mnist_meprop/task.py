@@ -255,3 +255,10 @@ TASKS = {task.name: task for task in (MNIST, POS, PARSING)}
 def task_for(config: Config) -> Task:
     """The task ``config.task`` names."""
     return TASKS[config.task]
+
+
+def score_label(task_name: str) -> str:
+    """What a score line calls the task's metric before its percentage: nothing for accuracy, else its name
+    and a space (``UAS 80.47%``)."""
+    metric = TASKS[task_name].metric
+    return "" if metric == "accuracy" else f"{metric} "

@@ -21,7 +21,7 @@ from .optim import OptimizerGroup, build_optimizer
 from .ops import is_meprop_active, time_linear_backward
 from .simplify import Simplifier, shrink_to
 from .store import load_checkpoint, save_checkpoint
-from .task import Task, task_for
+from .task import Task, score_label, task_for
 
 PHASES = ("forward", "backward", "linear_backward", "update", "train", "eval", "total")
 LOSS_PARTS = 8  # the training loss is recorded per 1/8 epoch, the authors' C# logging grain
@@ -313,8 +313,9 @@ def train_run(config: Config, data: Any, log: Callable[[str], None] | None = Non
             timings["total"] = elapsed_before + run.clock() - run_start
             if checkpoint is not None:
                 _save_run_checkpoint(run, checkpoint, epoch)
-            log(f"  epoch {epoch}/{config.n_epoch}  loss {record['train_loss']:.4f}  dev {record['dev_acc']:.2f}%  "
-                f"best {result.best_dev_acc:.2f}% @{result.best_epoch:g}  test@best {result.test_acc:.2f}%  "
+            score = score_label(config.task)
+            log(f"  epoch {epoch}/{config.n_epoch}  loss {record['train_loss']:.4f}  dev {score}{record['dev_acc']:.2f}%  "
+                f"best {result.best_dev_acc:.2f}% @{result.best_epoch:g}  test@best {score}{result.test_acc:.2f}%  "
                 + (f"units {record['units']}  " if "units" in record else "")
                 + f"({record['seconds']:.1f}s, CPU {record['cpu_seconds']:.1f}s)")
     finally:

@@ -155,7 +155,9 @@ def test_parser_trains_end_to_end_on_a_few_sentences_through_the_cli(tmp_path):
             "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "parser MLP 3 layers, hidden 32" in result.output
+    assert "parser MLP 3 layers, hidden 32" in result.output and "UAS in %" in result.output
+    assert "  epoch 8/8 " in result.output and "dev UAS " in result.output and "test@best UAS " in result.output
+    assert "done: best dev UAS " in result.output  # the score is named: a parser's is UAS, not accuracy
     [record] = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
     assert record["config"]["task"] == "parsing"
     assert record["data"] == {**record["data"], "train": 2 * 5 * sum(len(s) for s in SENTENCES), "test": 4}
