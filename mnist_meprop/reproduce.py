@@ -260,7 +260,8 @@ def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, An
     metrics = spec.metrics or list(dict.fromkeys(m for row in rows for m in row.paper))
     if spec.name == "fig4":
         metrics = ["test", "linear_backward_s"]
-    with_paper = {metric: any(metric in row.paper for row in rows) for metric in metrics}
+    # the paper-speedup column of a time metric, where the paper has figures for it (Figure 4's is the plot's)
+    with_paper = {metric: spec.name == "fig4" or any(metric in row.paper for row in rows) for metric in metrics}
     with_authors = any(row.authors for row in rows)
     headers = ["row", "seeds"]
     for metric in metrics:
@@ -272,7 +273,7 @@ def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, An
             label = TIME_METRICS[metric][0]
             short = label.split(" (")[0]
             headers += [f"{name} {label}" for name, _ in sources]
-            headers += [f"paper speedup ({short})"] if with_paper[metric] or spec.name == "fig4" else []
+            headers += [f"paper speedup ({short})"] if with_paper[metric] else []
             headers += ["authors' C# here: speedup"] if with_authors else []
             headers += [f"{name} speedup" for name, _ in sources]
     cells = []
@@ -289,7 +290,7 @@ def table_lines(spec: TableSpec, rows: list[Row], by_key: dict[str, dict[str, An
             line += _time_cells(row, base_row, metric, [(values[(row.label, name)][metric],
                                                           values[(base_row.label, name)][metric] if base_row else [])
                                                          for name, _ in sources],
-                                (run, base_run) if with_authors else None, with_paper[metric] or spec.name == "fig4")
+                                (run, base_run) if with_authors else None, with_paper[metric])
         cells.append(line)
     return headers, cells
 
@@ -313,7 +314,7 @@ def _test_cells(row: Row, per_source: list[tuple[list[float], list[Config]]], ru
 
 def _time_cells(row: Row, base_row: Row | None, metric: str, per_source: list[tuple[list[float], list[float]]],
                 authors_runs: tuple[dict[str, Any] | None, dict[str, Any] | None] | None,
-                with_paper: bool = True) -> list[str]:
+                with_paper: bool) -> list[str]:
     """Per source the time (mean ± std), then [the paper's speedup over the baseline row,] [the authors'
     program's,] and per source ours; ``per_source`` holds (this row's values, the baseline row's values)."""
     times = [format_mean_std(*mean_std(found), len(found)) if found else "" for found, _ in per_source]
