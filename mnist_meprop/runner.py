@@ -63,7 +63,8 @@ def stop_on_signals(log: Log = to_stderr) -> Iterator[Callable[[], bool]]:
 
 def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = None, fresh: bool = False,
                     should_stop: Callable[[], bool] | None = None, poll_seconds: float = 5.0,
-                    executor: Executor | None = None) -> list[dict[str, Any]]:
+                    executor: Executor | None = None,
+                    recompute_hint: str | None = "--fresh recomputes") -> list[dict[str, Any]]:
     """Train each config (in this process, or through ``executor``), appending each finished
     (or failed) run to ``out_dir/runs.jsonl`` as it arrives; returns the records in config order.
 
@@ -71,7 +72,8 @@ def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = 
     ``fresh``, which recomputes them; the new record then supersedes the old one). A run whose
     loss becomes non-finite is stored as failed and the group goes on. ``RunInterrupted`` from
     ``should_stop`` propagates (outstanding jobs are cancelled), leaving each interrupted run's
-    checkpoint for the next call.
+    checkpoint for the next call. ``recompute_hint`` ends the line of a skipped run (None: nothing,
+    for commands without ``--fresh``).
 
     Several processes can work on one ``out_dir`` at once (one per core or per machine on a
     shared disk): this process holds the lock of every run it has handed to its executor, a run
@@ -90,8 +92,8 @@ def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = 
         """Take the stored record or hand the run to the executor; False while another process holds it."""
         key = run_key(config)
         if key in stored:
-            log(f"run {number}/{total}: {describe(config)}: already in {out_dir / RUNS_FILE}, skipped "
-                "(--fresh recomputes)")
+            hint = f" ({recompute_hint})" if recompute_hint else ""
+            log(f"run {number}/{total}: {describe(config)}: already in {out_dir / RUNS_FILE}, skipped{hint}")
             records[number] = stored[key]
             return True
         lock = ExitStack()
