@@ -315,7 +315,8 @@ def reproduce_command(table: str, task: str | None, dataset: str | None, data_di
         sys.exit(EXIT_INTERRUPTED)
     except WorkerLost as error:
         _fail(error, EXIT_RUN_FAILED)
-    click.echo(f"\nwrote {report}" + ("" if whole_readme else " (tables as CSV and Figure 4 plots beside it)"))
+    beside = "" if whole_readme else " (tables as CSV beside it" + (", and the Figure 4 plots)" if "fig4" in chosen else ")")
+    click.echo(f"\nwrote {report}{beside}")
 
 
 @main.command("export")

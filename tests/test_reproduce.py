@@ -48,6 +48,7 @@ def test_tables_share_identical_runs(tmp_path):
     result = CliRunner().invoke(main, ["reproduce", "--quick", "--table", "1,2", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "8 distinct runs" in result.stderr  # Table 1: 4 rows, ours and with the authors' details; Table 2 reuses them
+    assert "(tables as CSV beside it)" in result.stdout  # no Figure 4 plots to point to
     bad = CliRunner().invoke(main, ["reproduce", "--table", "7"])
     assert bad.exit_code == 2 and "--table" in bad.stderr
 
@@ -66,6 +67,7 @@ def test_figure4_can_use_fewer_seeds_and_the_report_keeps_hand_written_notes(tmp
     assert "32 distinct runs" in result.stderr  # Table 3: 2 rows x 2 seeds; Figure 4: 28 points x 1 seed
     report = (tmp_path / "REPORT.md").read_text()
     assert "seeds 1-2" in report and "Figure 4: seeds 1-1" in report
+    assert "and the Figure 4 plots)" in result.stdout
     assert report.rstrip().endswith("Our Fashion numbers are lower because Fashion is harder.")
 
 
