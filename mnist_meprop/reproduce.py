@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -727,12 +726,10 @@ def _run_or_read(configs: Sequence[Config], runs_dir: Path, report_only: bool, l
                  should_stop: Callable[[], bool] | None, executor: Executor | None) -> dict[str, dict[str, Any]]:
     """The records of ``configs`` by run key: trained where missing (resuming), or, with ``report_only``,
     whatever ``runs_dir`` holds so far."""
-    stored = latest_by_key(read_records(runs_dir, log))
     if report_only:
-        return stored
-    to_train = sum(run_key(config) not in stored for config in configs)
-    records = run_experiments(configs, runs_dir, log=_with_eta(log, to_train, time.monotonic()),
-                              should_stop=should_stop, executor=executor, recompute_hint=None)
+        return latest_by_key(read_records(runs_dir, log))
+    records = run_experiments(configs, runs_dir, log=log, should_stop=should_stop, executor=executor,
+                              recompute_hint=None)
     return {record["key"]: record for record in records}
 
 
@@ -836,25 +833,3 @@ def _readme_cell(time_s: float, score: float, std: float | None = None, base_tim
     seconds = f"{time_s:,.0f}" if time_s >= 100 else f"{time_s:.3g}"
     return f"{seconds} s{speedup}, {score:.2f}{spread}{difference}"
 
-
-def _with_eta(log: Callable[[str], None], to_train: int, started: float) -> Callable[[str], None]:
-    """Adds elapsed time and an estimate of the time left to each "run i/n done" line: the mean time of
-    the runs trained here so far, times the runs still to train here. ``to_train`` counts the runs not
-    stored when the command started; runs another process trains or has stored since are not ours to wait for."""
-    trained = 0
-    elsewhere: set[str] = set()  # the numbers of the runs another process holds or stored
-
-    def wrapped(line: str) -> None:
-        nonlocal trained
-        number = re.match(r"run (\d+)/", line)
-        run = number.group(1) if number else line
-        if "another process is training it" in line or "stored by another process" in line:
-            elsewhere.add(run)
-        elif line.startswith("run ") and (" done:" in line or " FAILED:" in line):
-            elsewhere.discard(run)  # that process stopped without storing it, so it was trained here
-            trained += 1
-            elapsed = time.monotonic() - started
-            left = elapsed / trained * max(0, to_train - trained - len(elsewhere))
-            line += f" [{elapsed / 60:.1f} min elapsed, about {left / 60:.1f} min left]"
-        log(line)
-    return wrapped

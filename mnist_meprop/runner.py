@@ -73,7 +73,9 @@ def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = 
     loss becomes non-finite is stored as failed and the group goes on. ``RunInterrupted`` from
     ``should_stop`` propagates (outstanding jobs are cancelled), leaving each interrupted run's
     checkpoint for the next call. ``recompute_hint`` ends the line of a skipped run (None: nothing,
-    for commands without ``--fresh``).
+    for commands without ``--fresh``). In a group of several runs, each finished run's line ends with
+    the time elapsed and an estimate of the time left: the runs still to train here (not stored,
+    not held by another process) at the rate the runs trained here so far finished.
 
     Several processes can work on one ``out_dir`` at once (one per core or per machine on a
     shared disk): this process holds the lock of every run it has handed to its executor, a run
@@ -85,6 +87,9 @@ def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = 
     stored = {} if fresh else latest_by_key(read_records(out_dir, log))
     total = len(configs)
     records: dict[int, dict[str, Any]] = {}
+    started, to_train = time.monotonic(), sum(fresh or run_key(config) not in stored for config in configs)
+    trained: set[int] = set()
+    elsewhere: set[int] = set()  # runs another process holds or has stored since we read the store
     held: dict[int, ExitStack] = {}  # the locks of the runs handed to the executor
     waiting: list[int] = []  # runs another process holds
 
@@ -104,6 +109,7 @@ def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = 
             stored.update(latest_by_key(read_records(out_dir, log)))
             if key in stored:
                 lock.close()
+                elsewhere.add(number)
                 log(f"run {number}/{total}: {describe(config)}: stored by another process")
                 records[number] = stored[key]
                 return True
@@ -120,7 +126,10 @@ def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = 
             remove_checkpoint(checkpoint_path(out_dir, record["key"]))
             held.pop(number).close()
             stored[record["key"]] = records[number] = record
-            log(_outcome(number, total, record))
+            trained.add(number)
+            elsewhere.discard(number)  # the process that held it stopped without storing it
+            log(_outcome(number, total, record) + (_time_left(started, len(trained), to_train - len(elsewhere))
+                                                   if total > 1 else ""))
 
     try:
         for number, config in enumerate(configs, start=1):
@@ -128,6 +137,7 @@ def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = 
                 log(f"run {number}/{total}: {describe(config)}: another process is training it; "
                     "collected at the end")
                 waiting.append(number)
+                elsewhere.add(number)
         last_poll = time.monotonic()
         while waiting or executor.outstanding():
             if should_stop is not None and should_stop():
@@ -146,6 +156,13 @@ def run_experiments(configs: Sequence[Config], out_dir: Path, log: Log | None = 
         for lock in held.values():
             lock.close()
     return [records[number] for number in range(1, total + 1)]
+
+
+def _time_left(started: float, trained: int, ours: int) -> str:
+    """`` [m min elapsed, about n min left]``: ``ours`` runs to train here, ``trained`` of them done."""
+    elapsed = time.monotonic() - started
+    left = elapsed / trained * max(0, ours - trained)
+    return f" [{elapsed / 60:.1f} min elapsed, about {left / 60:.1f} min left]"
 
 
 def _outcome(number: int, total: int, record: dict[str, Any]) -> str:

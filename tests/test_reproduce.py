@@ -281,22 +281,3 @@ def test_the_report_names_the_runs_that_waited_for_a_core(tmp_path):
     assert section.count("(0.") == 1  # the other runs had their core (or recorded nothing)
     assert f"seed {slowed['seed']} (1 of 2 epochs)" in section.split("Over only the epochs that recorded it", 1)[1]
 
-
-def test_eta_counts_only_the_runs_left_to_train_here(monkeypatch):
-    """Stored runs and runs another process trains cost this process nothing: after 1 of 3 runs to
-    train took 10 minutes, with one more held elsewhere, 1 run (10 minutes) is left, not 8 list entries."""
-    from mnist_meprop import reproduce
-
-    clock = iter([600.0, 1200.0])
-    monkeypatch.setattr(reproduce.time, "monotonic", lambda: next(clock))
-    lines: list[str] = []
-    log = reproduce._with_eta(lines.append, to_train=3, started=0.0)
-    for number in range(1, 7):
-        log(f"run {number}/10: paper, dense, k=0, seed=1: already in runs.jsonl, skipped")
-    log("run 7/10: paper, dense, k=0, seed=2: another process is training it; collected at the end")
-    log("run 8/10 done: best dev 90.00% at epoch 20, test 90.00%, linear backward 1.00s, total 600.0s (1 threads)")
-    assert lines[-1].endswith("[10.0 min elapsed, about 10.0 min left]")
-    log("run 9/10 done: best dev 90.00% at epoch 20, test 90.00%, linear backward 1.00s, total 600.0s (1 threads)")
-    assert lines[-1].endswith("[20.0 min elapsed, about 0.0 min left]")
-    log("run 7/10: paper, dense, k=0, seed=2: stored by another process")
-    assert lines[-1].endswith("stored by another process") and len(lines) == 10

@@ -195,3 +195,25 @@ def test_a_held_claim_is_refused_and_released_after(tmp_path):
             assert held and not again
     with claim_run(tmp_path, "abc") as after:
         assert after
+
+
+def test_time_left_counts_only_the_runs_this_process_trains(tmp_path, monkeypatch):
+    """A stored run costs nothing: with 1 of 3 runs stored, the estimates are over 2 runs to train."""
+    from mnist_meprop import runner
+
+    configs = sweep_configs(Config(**{**TINY, "n_epoch": 1}), [0, 8, 16], [1])
+    run_experiments(configs[1:2], tmp_path, quiet)
+    estimates = []
+    monkeypatch.setattr(runner, "_time_left", lambda started, trained, ours: estimates.append((trained, ours)) or "")
+    run_experiments(configs, tmp_path, quiet)
+    assert estimates == [(1, 2), (2, 2)]
+    run_experiments(configs[:1], tmp_path / "single", quiet)
+    assert len(estimates) == 2  # a single run gets no estimate
+
+
+def test_time_left_is_the_rate_so_far_times_the_runs_left(monkeypatch):
+    from mnist_meprop import runner
+
+    monkeypatch.setattr(runner.time, "monotonic", lambda: 1200.0)
+    assert runner._time_left(0.0, 2, 5) == " [20.0 min elapsed, about 30.0 min left]"
+    assert runner._time_left(0.0, 5, 5).endswith("about 0.0 min left]")
