@@ -14,7 +14,7 @@ from .errors import ConfigError, MePropError, WorkerLost
 from .executors import EXECUTORS, Executor, LocalExecutor, make_executor
 from .results import environment, failures, format_table, summarize, write_tables
 from .runner import run_experiments, stop_on_signals, sweep_configs
-from .task import TASKS
+from .task import task_for
 from .train import RunInterrupted
 
 EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -41,7 +41,7 @@ def _heading(config: Config, records: Sequence[dict]) -> str:
             f"minibatch {config.d_minibatch}, {config.optimizer} lr {config.lr:g}"
             f" ({config.sparse_update} update{', fused engine' if config.engine == 'fused' else ''}"
             f"{', denormals flushed' if config.flush_denormal else ''}), dropout {config.dropout:g}, "
-            f"{config.n_epoch} epochs; {TASKS[config.task].metric} in %; torch {env['torch']}, "
+            f"{config.n_epoch} epochs; {task_for(config).metric} in %; torch {env['torch']}, "
             f"{' / '.join(map(str, threads))} threads, {env['cpu']}, {config.device}")
 
 

@@ -327,9 +327,8 @@ def _time_cells(row: Row, base_row: Row | None, metric: str, per_source: list[tu
     if authors_runs is None:
         return times + paper_cells + ratios
     run, base_run = authors_runs
-    authors_ratio = ""
-    if run and base_run and authors_time(run, metric) and authors_time(base_run, metric):
-        authors_ratio = f"{authors_time(base_run, metric) / authors_time(run, metric):.1f}x"
+    seconds, base_seconds = (authors_time(r, metric) if r else None for r in (run, base_run))
+    authors_ratio = f"{base_seconds / seconds:.1f}x" if seconds and base_seconds else ""
     return times + paper_cells + [authors_ratio] + ratios
 
 

@@ -298,6 +298,7 @@ def train_run(config: Config, data: Any, log: Callable[[str], None] | None = Non
         run = _prepare(config, task, data, checkpoint, log, model_file)
         result, timings = run.result, run.result.timings
         elapsed_before, run_start = timings["total"], run.clock()
+        score = score_label(config.task)  # the epoch line's name for the metric ("UAS "; nothing for accuracy)
         for epoch in range(len(result.epochs) + 1, config.n_epoch + 1):
             record = _train_epoch(run, epoch, should_stop)
             # Exact row-sparse Adam applies pending idle steps for good at each epoch's end (whether or
@@ -313,7 +314,6 @@ def train_run(config: Config, data: Any, log: Callable[[str], None] | None = Non
             timings["total"] = elapsed_before + run.clock() - run_start
             if checkpoint is not None:
                 _save_run_checkpoint(run, checkpoint, epoch)
-            score = score_label(config.task)
             log(f"  epoch {epoch}/{config.n_epoch}  loss {record['train_loss']:.4f}  dev {score}{record['dev_acc']:.2f}%  "
                 f"best {result.best_dev_acc:.2f}% @{result.best_epoch:g}  test@best {score}{result.test_acc:.2f}%  "
                 + (f"units {record['units']}  " if "units" in record else "")

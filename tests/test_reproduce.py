@@ -280,4 +280,3 @@ def test_the_report_names_the_runs_that_waited_for_a_core(tmp_path):
     assert f"seed {slowed['seed']} (0.50)" in section.split("Below 0.9: ", 1)[1].split("\n", 1)[0]
     assert section.count("(0.") == 1  # the other runs had their core (or recorded nothing)
     assert f"seed {slowed['seed']} (1 of 2 epochs)" in section.split("Over only the epochs that recorded it", 1)[1]
-
